@@ -1,0 +1,36 @@
+# make setup | demo | test | stress | bench | clean    (see README.md)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STUBS  := daemon_pb2.py daemon_pb2_grpc.py
+
+.PHONY: setup demo test stress bench clean
+
+setup: $(STUBS)
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(STUBS): daemon.proto $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. daemon.proto
+
+demo: setup
+	@sh demo.sh $(PY)
+
+test: setup
+	$(PY) -m pytest -q test_buckd.py
+
+stress: setup
+	@for i in $$(seq 20); do \
+	  $(PY) -m pytest -q -x -k race test_buckd.py >/tmp/buckd-stress.log 2>&1 \
+	    && echo "stress run $$i: passed" \
+	    || { cat /tmp/buckd-stress.log; echo "stress run $$i: FAILED"; exit 1; }; \
+	done
+
+bench: setup
+	$(PY) bench_buckd.py
+
+clean:
+	rm -rf $(VENV) $(STUBS) __pycache__ .pytest_cache

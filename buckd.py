@@ -1,0 +1,386 @@
+"""buckd: the buck daemon. The spec is ../shared/design/buckd.md, "daemon process flow".
+
+`buck daemon` calls main(): it daemonizes, locks buckd.pid, serves the DaemonApi on
+loopback and writes buckd.info, and only then does the `buck daemon` process exit 0.
+buckd runs until one of the doc's three shutdown paths: the Kill call, its files no longer
+naming it (checked every BUCKD_CHECK_INTERVAL seconds), or a panic (any unexpected error).
+
+Commands run here. Each is a generator in HANDLERS: it gets the arguments (bytes), the
+client's cwd and an Event set when the command must stop; it yields output events and
+returns the exit code. Adding a command = one function here + its argparse entry in buck.py.
+"""
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import signal
+import stat
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+
+RACY_NS = 2_000_000_000  # a file changed this close to its hashing may change again unseen
+WINDOW = 256             # files being hashed ahead of the one `buck hash` prints next
+CHUNK = 64 * 1024        # bytes of output per stream message
+grpc = pb = None         # imported after daemonizing: grpc must not cross a fork
+
+
+def main(d, version, foreground=False):
+    """`buck daemon`: start buckd for daemon dir `d`. Returns the `buck daemon` exit code:
+    0 once buckd serves, 1 (with the reason on stderr) if it could not start."""
+    try:
+        interval = float(os.environ.get("BUCKD_CHECK_INTERVAL", 100))
+    except ValueError:
+        print("buck daemon: BUCKD_CHECK_INTERVAL must be a number of seconds", file=sys.stderr)
+        return 2
+    os.makedirs(d, 0o700, exist_ok=True)
+    if foreground:
+        run(d, version, interval, ready=None)
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child:                       # the `buck daemon` process: wait for buckd's word
+        os.close(write_end)
+        os.waitpid(child, 0)        # the intermediate process exits at once
+        with os.fdopen(read_end, "rb") as pipe:
+            word = pipe.read()      # "ready", a reason, or nothing if buckd died
+        if word == b"ready":
+            return 0
+        print(word.decode(errors="replace") or f"buckd exited during startup, see {d}/buckd.stderr",
+              file=sys.stderr)
+        return 1
+    os.close(read_end)
+    daemonize()
+    run(d, version, interval, ready=write_end)
+
+
+def daemonize():
+    """The classic recipe (Stevens, APUE 13.3; PEP 3143), each step for a reason."""
+    os.setsid()                     # a session of our own: no terminal, no client's signals
+    if os.fork():
+        os._exit(0)                 # not a session leader: can never acquire a terminal
+    os.chdir("/")                   # keep no directory busy
+    os.umask(0o077)                 # every file we create is private
+
+
+def run(d, version, interval, ready):
+    """buckd itself: lock buckd.pid, redirect stdio, serve, write buckd.info, wait."""
+    try:
+        pid_fd = lock_pid_file(d)
+        if ready is not None:
+            redirect_stdio(d)
+        threading.excepthook = lambda hook: panic(hook.exc_value)
+        server, api = start_server(d, version)
+        info = json.dumps({"pid": os.getpid(), "port": api.port, "version": version,
+                           "auth_token": api.token, "start_time": api.start_time}).encode()
+        write_atomically(os.path.join(d, "buckd.info"), info)
+        log(f"buckd {version} serving on 127.0.0.1:{api.port}")
+    except AlreadyRunning as e:
+        tell(ready, str(e))
+        os._exit(1)
+    except BaseException as e:
+        panic(e)
+    tell(ready, "ready")
+    signal.signal(signal.SIGTERM, lambda *_: api.shutdown("buckd received SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: api.shutdown("buckd received SIGINT"))
+    while not api.stopping.wait(interval):
+        reason = check_files_still_ours(d, pid_fd, info)
+        if reason:
+            api.shutdown(reason)
+    log(f"shutting down: {api.reason}")
+    server.stop(grace=2).wait()     # running commands get to say why they end
+    if read_file(os.path.join(d, "buckd.info")) == info:
+        os.unlink(os.path.join(d, "buckd.info"))
+    os._exit(0)
+
+
+class AlreadyRunning(Exception):
+    """Another buckd holds buckd.pid: "only a single daemon is allowed at a time"."""
+
+
+def lock_pid_file(d):
+    """Write our pid to buckd.pid, locked exclusively until we exit. Open without truncating,
+    lock, then truncate: never clobber the pid of the daemon that holds the lock."""
+    fd = os.open(os.path.join(d, "buckd.pid"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        raise AlreadyRunning(f"buckd is already running for {d} (pid {holder})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def redirect_stdio(d):
+    """stdin from /dev/null; stdout and stderr to buckd.stdout and buckd.stderr."""
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    for fd, name in ((1, "buckd.stdout"), (2, "buckd.stderr")):
+        os.dup2(os.open(os.path.join(d, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
+
+
+def tell(ready, word):
+    """Give the waiting `buck daemon` process its answer (the pipe's EOF ends its wait)."""
+    if ready is None:
+        print(word, file=sys.stderr)
+    else:
+        os.write(ready, word.encode())
+        os.close(ready)
+
+
+def write_atomically(path, data):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_file(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def log(message):
+    print(time.strftime("%Y-%m-%d %H:%M:%S"), message, file=sys.stderr, flush=True)
+
+
+def panic(error):
+    """Shutdown path 3, the doc's rust panic(): traceback to buckd.stderr, exit at once.
+    A daemon in an unknown state must not keep serving."""
+    traceback.print_exception(type(error), error, error.__traceback__)
+    sys.stderr.flush()
+    os._exit(101)
+
+
+# Shutdown path 2: "buckd will periodically (every 100s or so) check the "buckd.pid" and
+# "buckd.info" files to ensure that they still match that buckd process."
+def check_files_still_ours(d, pid_fd, info):
+    """Why buckd must exit now, or None while both files still name this process."""
+    pid_path = os.path.join(d, "buckd.pid")
+    try:
+        ours, there = os.fstat(pid_fd), os.stat(pid_path)
+    except OSError:
+        return "buckd.pid was removed"
+    if (ours.st_dev, ours.st_ino) != (there.st_dev, there.st_ino):
+        return "buckd.pid was replaced"
+    if read_file(pid_path) != f"{os.getpid()}\n".encode():
+        return "buckd.pid names another process"
+    if read_file(os.path.join(d, "buckd.info")) != info:
+        return "buckd.info was removed or rewritten"
+    return None
+
+
+def start_server(d, version):
+    """The DaemonApi gRPC server on 127.0.0.1, port chosen by the kernel."""
+    global grpc, pb
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    import grpc as grpc_module, daemon_pb2, daemon_pb2_grpc
+    grpc, pb = grpc_module, daemon_pb2
+    api = DaemonApi(d, version)
+    server = grpc.server(ThreadPoolExecutor(max_workers=64), interceptors=[require_token(api.token)],
+                         options=[("grpc.so_reuseport", 0)])
+    daemon_pb2_grpc.add_DaemonApiServicer_to_server(api, server)
+    api.port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, api
+
+
+def require_token(token):
+    """An interceptor refusing every call that lacks this buckd's token (constant-time)."""
+    deny = grpc.unary_unary_rpc_method_handler(
+        lambda request, context: context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad auth token"))
+
+    class RequireToken(grpc.ServerInterceptor):
+        def intercept_service(self, continuation, details):
+            given = dict(details.invocation_metadata).get("buckd-token", "")
+            ok = hmac.compare_digest(given.encode(), token.encode())
+            return continuation(details) if ok else deny
+    return RequireToken()
+
+
+class DaemonApi:
+    """The servicer: Status, Kill and Command, and the state commands share (the cache)."""
+
+    def __init__(self, d, version):
+        self.dir, self.version, self.port = d, version, 0
+        self.token = secrets.token_hex(16)
+        self.start_time = time.time()
+        self.lock = threading.RLock()   # re-entrant: a signal handler may call shutdown()
+        self.active = set()             # one Event per running command, set to stop it
+        self.stopping = threading.Event()
+        self.reason = None              # why buckd is shutting down
+        self.digests = {}               # (dev, ino, size, mtime_ns, ctime_ns) -> hex digest
+        self.files_read = 0
+        self.pool = ThreadPoolExecutor(os.cpu_count() or 2)
+
+    def Status(self, request, context):
+        return pb.StatusResponse(
+            pid=os.getpid(), port=self.port, version=self.version, daemon_dir=self.dir,
+            start_time=self.start_time, uptime_s=time.time() - self.start_time,
+            active_commands=len(self.active), cache_entries=len(self.digests),
+            files_read=self.files_read)
+
+    # Shutdown path 1: "The grpc api includes a kill() call that will shutdown buckd."
+    def Kill(self, request, context):
+        self.shutdown(request.reason or "killed by a client")
+        return pb.KillResponse()
+
+    def shutdown(self, reason):
+        """Begin the exit: stop every running command; each tells its client why."""
+        with self.lock:
+            if not self.stopping.is_set():
+                self.reason = reason
+                for stop in self.active:
+                    stop.set()
+                self.stopping.set()
+
+    def Command(self, request, context):
+        stop = threading.Event()
+        with self.lock:
+            self.active.add(stop)
+            if self.reason:
+                stop.set()
+        if not context.add_callback(lambda: self.finished(stop)):   # on any end of the call
+            self.finished(stop)
+        try:
+            yield pb.CommandEvent(accepted=True)    # from here on the client never resends
+            handler = HANDLERS.get(request.name)
+            if handler is None:
+                yield pb.CommandEvent(stderr=f"buckd: no command {request.name!r}\n".encode())
+                code = 2
+            else:
+                code = yield from handler(self, list(request.args), request.cwd, stop)
+            yield pb.CommandEvent(shutdown=self.reason) if self.reason else pb.CommandEvent(exit_code=code)
+        except Exception as e:
+            panic(e)
+
+    def finished(self, stop):
+        stop.set()                  # the client went away: stop the work
+        with self.lock:
+            self.active.discard(stop)
+
+    def digest(self, path, st):
+        """A file's hex digest if the cache holds a trusted one, else a Future of it."""
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return self.digests.get(key) or self.pool.submit(self.read_and_hash, path, key)
+
+    def read_and_hash(self, path, key):
+        started = time.time_ns()
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                sha.update(chunk)   # releases the GIL: both cores hash
+        digest = sha.hexdigest().encode()
+        with self.lock:
+            self.files_read += 1
+            if len(self.digests) > 1_000_000:
+                self.digests.clear()
+            if max(key[3], key[4]) < started - RACY_NS:   # "racy" entries are never trusted
+                self.digests[key] = digest
+        return digest
+
+
+# --- Commands
+
+def cmd_hash(api, args, cwd, stop):
+    """`buck hash PATH...`: exactly sha256sum's output; a directory stands for the regular
+    files below it, sorted. Files are hashed in parallel and printed in order."""
+    code, out, window = 0, bytearray(), deque()
+    jobs = hash_jobs(api, args, cwd)
+    while not stop.is_set():
+        while len(window) < WINDOW and (job := next(jobs, None)):
+            window.append(job)
+        if not window:
+            break
+        shown, result = window.popleft()
+        if isinstance(result, Future):
+            if out and not result.done():    # show what is ready while we wait
+                yield pb.CommandEvent(stdout=bytes(out))
+                out.clear()
+            try:
+                result = result.result()
+            except OSError as e:
+                result = e
+        if isinstance(result, bytes):
+            out += sha256sum_line(result, shown)
+        if out and (len(out) >= CHUNK or isinstance(result, OSError)):
+            yield pb.CommandEvent(stdout=bytes(out))
+            out.clear()
+        if isinstance(result, OSError):
+            code = 1
+            yield pb.CommandEvent(stderr=b"buck hash: %s: %s\n" % (shown, result.strerror.encode()))
+    if out and not stop.is_set():
+        yield pb.CommandEvent(stdout=bytes(out))
+    return 130 if stop.is_set() else code
+
+
+def hash_jobs(api, args, cwd):
+    """(path as shown, digest | Future | OSError) for each file, in output order."""
+    for arg in args:
+        path = os.path.join(cwd, arg)   # relative to the client's cwd, not ours ("/")
+        try:
+            st = os.stat(path)
+            if stat.S_ISDIR(st.st_mode):
+                for rel in files_below(path):
+                    try:
+                        yield os.path.join(arg, rel), api.digest(os.path.join(path, rel),
+                                                                 os.stat(os.path.join(path, rel)))
+                    except OSError as e:
+                        yield os.path.join(arg, rel), e
+            elif stat.S_ISREG(st.st_mode):
+                yield arg, api.digest(path, st)
+            else:
+                yield arg, OSError(0, "Not a regular file")
+        except OSError as e:
+            yield arg, e
+
+
+def files_below(top):
+    """The paths, relative to top, of all regular files below it, sorted as bytes."""
+    found, dirs = [], [b""]
+    while dirs:
+        rel = dirs.pop()
+        with os.scandir(os.path.join(top, rel)) as entries:
+            for entry in entries:
+                name = os.path.join(rel, entry.name)
+                if entry.is_dir(follow_symlinks=False):
+                    dirs.append(name)
+                elif entry.is_file(follow_symlinks=False):
+                    found.append(name)
+    return sorted(found)
+
+
+def sha256sum_line(digest, name):
+    """One line as sha256sum prints it: a name with \\, \\n or \\r is escaped, the line
+    marked by a leading backslash."""
+    if any(c in name for c in (b"\\", b"\n", b"\r")):
+        name = name.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
+        return b"\\%s  %s\n" % (digest, name)
+    return b"%s  %s\n" % (digest, name)
+
+
+def cmd_debug_sleep(api, args, cwd, stop):
+    """`buck debug sleep SECONDS`: one line, then a cancellable sleep."""
+    seconds = float(args[0])
+    yield pb.CommandEvent(stdout=b"sleeping for %g s\n" % seconds)
+    stop.wait(seconds)
+    return 130 if stop.is_set() else 0
+
+
+def cmd_debug_crash(api, args, cwd, stop):
+    """`buck debug crash`: a simulated panic in a command."""
+    raise RuntimeError("`buck debug crash` was invoked")
+    yield                           # (a generator, like every command)
+
+
+HANDLERS = {"hash": cmd_hash, "debug-sleep": cmd_debug_sleep, "debug-crash": cmd_debug_crash}
