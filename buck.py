@@ -4,10 +4,12 @@
 `help`, `version` and argument errors are answered here without grpc. Every other command
 finds the daemon dir of this repository, connects to a buckd of this client's version
 (starting or restarting it as "client connection and buckd startup" says) and asks it.
+
+Modules that take milliseconds to import (argparse, json, signal, subprocess, threading,
+grpc) are imported where they are needed: `help` and `version` start as fast as Python.
 """
 import fcntl
 import os
-import signal
 import sys
 import time
 import zlib
@@ -248,6 +250,7 @@ class lifecycle_lock:
 def kill_daemon(d, reason):
     """Steps 2-3 of "start/restart": send buckd a kill, then make sure, by pid, that it has
     exited (SIGKILL as the last resort). Returns the pid it killed, or None."""
+    import signal
     pid = daemon_pid(d)
     if pid is None:
         return None
@@ -282,6 +285,9 @@ def start_daemon(d, isolation):
         proc.kill()
         kill_daemon(d, "it did not start in time")
         raise Fail(f"buckd did not start within {START_TIMEOUT:.0f} s, see {tail(d)}")
+    if proc.returncode == 3:
+        return                      # a buckd started behind our back (an orphaned start, or
+                                    # `buck daemon` by hand): the connect loop uses or replaces it
     if proc.returncode != 0:
         raise Fail(f"buckd failed to start: {err.decode(errors='replace').strip()}")
 
@@ -331,18 +337,21 @@ def cmd_kill(d, args):
 def run_command(d, args):
     """A command that runs in buckd: its output is streamed here as it is produced.
     Until buckd accepts the command we may reconnect and resend; after that, never."""
+    import threading
     load_grpc()
     request = pb.CommandRequest(name=args.command + (f"-{args.debug}" if args.command == "debug" else ""),
                                 args=[os.fsencode(str(a)) for a in args.operands],
                                 cwd=os.fsencode(os.getcwd()))
     for _ in range(ATTEMPTS):
         conn = connect(d, args.isolation_dir)
-        stream = conn.command(request)
+        accepted = threading.Event()
+        stream = conn.command(handshake(request, accepted))
         try:
             if next(stream).HasField("accepted"):
+                accepted.set()      # the go-ahead: from here on, never resend
                 break
         except grpc.RpcError:
-            pass                    # buckd went away before it took the command: resend
+            stream.cancel()         # buckd went away before it accepted: it ran nothing
     else:
         raise Fail("buckd did not accept the command")
     try:
@@ -363,6 +372,14 @@ def run_command(d, args):
     except KeyboardInterrupt:
         stream.cancel()             # buckd stops the command; it keeps running
         return 130
+
+
+def handshake(request, accepted):
+    """The client's messages on a Command stream: the command, then, once buckd has
+    accepted it, the empty go-ahead that lets buckd run it."""
+    yield request
+    accepted.wait()
+    yield pb.CommandRequest()
 
 
 def parse(argv):
@@ -396,6 +413,8 @@ def main(argv):
         print(f"buck {version()}")
         return 0
     args = parse(argv)              # argument errors: usage on stderr, exit 2
+    import signal
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `buck hash | head` ends quietly, like cat
     try:
         if args.command in ("help", "version"):
             return main([args.command])
@@ -415,7 +434,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `buck hash | head` ends quietly, like cat
     code = main(sys.argv[1:])
     sys.stdout.flush()
     sys.stderr.flush()

@@ -47,12 +47,13 @@ def main(d, version, foreground=False):
         os.close(write_end)
         os.waitpid(child, 0)        # the intermediate process exits at once
         with os.fdopen(read_end, "rb") as pipe:
-            word = pipe.read()      # "ready", a reason, or nothing if buckd died
-        if word == b"ready":
-            return 0
-        print(word.decode(errors="replace") or f"buckd exited during startup, see {d}/buckd.stderr",
-              file=sys.stderr)
-        return 1
+            word = pipe.read().decode(errors="replace")   # "CODE message", or "" if buckd died
+        code, _, message = word.partition(" ")
+        if not word:
+            code, message = 1, f"buckd exited during startup, see {d}/buckd.stderr"
+        if message:
+            print(message, file=sys.stderr)
+        return int(code)
     os.close(read_end)
     daemonize()
     run(d, version, interval, ready=write_end)
@@ -80,11 +81,11 @@ def run(d, version, interval, ready):
         write_atomically(os.path.join(d, "buckd.info"), info)
         log(f"buckd {version} serving on 127.0.0.1:{api.port}")
     except AlreadyRunning as e:
-        tell(ready, str(e))
-        os._exit(1)
+        tell(ready, 3, str(e))
+        os._exit(3)
     except BaseException as e:
         panic(e)
-    tell(ready, "ready")
+    tell(ready, 0, "")
     signal.signal(signal.SIGTERM, lambda *_: api.shutdown("buckd received SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: api.shutdown("buckd received SIGINT"))
     while not api.stopping.wait(interval):
@@ -123,12 +124,13 @@ def redirect_stdio(d):
         os.dup2(os.open(os.path.join(d, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
 
 
-def tell(ready, word):
-    """Give the waiting `buck daemon` process its answer (the pipe's EOF ends its wait)."""
+def tell(ready, code, message):
+    """Give the waiting `buck daemon` process its exit code and message: 0 when buckd
+    serves, 3 when another buckd holds buckd.pid. (The pipe's EOF ends its wait.)"""
     if ready is None:
-        print(word, file=sys.stderr)
+        print(message, file=sys.stderr)
     else:
-        os.write(ready, word.encode())
+        os.write(ready, f"{code} {message}".encode())
         os.close(ready)
 
 
@@ -244,7 +246,7 @@ class DaemonApi:
                     stop.set()
                 self.stopping.set()
 
-    def Command(self, request, context):
+    def Command(self, requests, context):
         stop = threading.Event()
         with self.lock:
             self.active.add(stop)
@@ -253,7 +255,10 @@ class DaemonApi:
         if not context.add_callback(lambda: self.finished(stop)):   # on any end of the call
             self.finished(stop)
         try:
-            yield pb.CommandEvent(accepted=True)    # from here on the client never resends
+            request = next(requests)
+            yield pb.CommandEvent(accepted=True)
+            if next(requests, None) is None:        # no go-ahead: the client has gone
+                return
             handler = HANDLERS.get(request.name)
             if handler is None:
                 yield pb.CommandEvent(stderr=f"buckd: no command {request.name!r}\n".encode())
@@ -261,6 +266,8 @@ class DaemonApi:
             else:
                 code = yield from handler(self, list(request.args), request.cwd, stop)
             yield pb.CommandEvent(shutdown=self.reason) if self.reason else pb.CommandEvent(exit_code=code)
+        except grpc.RpcError:
+            return                  # the client went away during the handshake
         except Exception as e:
             panic(e)
 
