@@ -16,8 +16,15 @@ $(VENV)/.installed: requirements.txt
 $(STUBS): daemon.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. daemon.proto
 
+# A short real session in this checkout (its daemon dir is under your $HOME/.buck).
 demo: setup
-	@sh demo.sh $(PY)
+	@set -e; buck() { echo "\$$ buck $$*" >&2; $(PY) buck.py "$$@"; }; \
+	ms() { $(PY) -c 'import time; print(time.time_ns() // 1000000)'; }; \
+	buck kill; buck server; buck status --json; \
+	echo "# a cold and a warm hash of .venv/ (a real tree: $$(find .venv -type f | wc -l) files)"; \
+	t0=$$(ms); buck hash .venv | tail -1; t1=$$(ms); buck hash .venv | tail -1; t2=$$(ms); \
+	echo "# cold: $$((t1 - t0)) ms, warm: $$((t2 - t1)) ms: warm is $$(((t1 - t0) / (t2 - t1)))x faster"; \
+	buck status; buck kill
 
 test: setup
 	$(PY) -m pytest -q test_buckd.py

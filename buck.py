@@ -261,14 +261,22 @@ def kill_daemon(d, reason):
         except grpc.RpcError:
             pass                    # wedged, or gone already: the pid checks below decide
     else:
-        os.kill(pid, signal.SIGTERM)    # no buckd.info to call: SIGTERM asks for the same
+        signal_if_still(d, pid, signal.SIGTERM)     # no buckd.info to call: SIGTERM asks the same
     gone = lambda: daemon_pid(d) != pid
     if not poll(gone, EXIT_TIMEOUT):
-        if daemon_pid(d) == pid:
-            os.kill(pid, signal.SIGKILL)
+        signal_if_still(d, pid, signal.SIGKILL)
         if not poll(gone, EXIT_TIMEOUT):
             raise Fail(f"could not kill buckd (pid {pid})")
     return pid
+
+
+def signal_if_still(d, pid, sig):
+    """Signal pid only while it provably is buckd: it still holds the buckd.pid lock."""
+    try:
+        if daemon_pid(d) == pid:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass                        # it has just exited
 
 
 def start_daemon(d, isolation):
