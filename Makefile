@@ -7,6 +7,7 @@ STUBS  := daemon_pb2.py daemon_pb2_grpc.py
 .PHONY: setup demo test stress bench clean
 
 setup: $(STUBS)
+	@$(PY) -m compileall -q buckd.py $(STUBS)   # cached bytecode, even with PYTHONDONTWRITEBYTECODE
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)

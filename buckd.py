@@ -14,7 +14,6 @@ import hashlib
 import hmac
 import json
 import os
-import secrets
 import signal
 import stat
 import sys
@@ -26,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 RACY_NS = 2_000_000_000  # a file changed this close to its hashing may change again unseen
 WINDOW = 256             # files being hashed ahead of the one `buck hash` prints next
+BIG_FILE = 1 << 20       # files this big are hashed in the thread pool
 CHUNK = 64 * 1024        # bytes of output per stream message
 grpc = pb = None         # imported after daemonizing: grpc must not cross a fork
 
@@ -215,7 +215,7 @@ class DaemonApi:
 
     def __init__(self, d, version):
         self.dir, self.version, self.port = d, version, 0
-        self.token = secrets.token_hex(16)
+        self.token = os.urandom(16).hex()
         self.start_time = time.time()
         self.lock = threading.RLock()   # re-entrant: a signal handler may call shutdown()
         self.active = set()             # one Event per running command, set to stop it
@@ -277,16 +277,29 @@ class DaemonApi:
             self.active.discard(stop)
 
     def digest(self, path, st):
-        """A file's hex digest if the cache holds a trusted one, else a Future of it."""
+        """A file's hex digest (or the OSError reading it), or a Future of it: the cache
+        answers if it can; big files go to the pool, both cores hashing (hashlib releases
+        the GIL); small ones are hashed right here, as threads would only fight over the
+        GIL for them (measured: two threads took 3x as long as one on the stdlib)."""
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        return self.digests.get(key) or self.pool.submit(self.read_and_hash, path, key)
+        if key in self.digests:
+            return self.digests[key]
+        if st.st_size >= BIG_FILE:
+            return self.pool.submit(self.read_and_hash, path, key)
+        try:
+            return self.read_and_hash(path, key)
+        except OSError as e:
+            return e
 
     def read_and_hash(self, path, key):
         started = time.time_ns()
         sha = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                sha.update(chunk)   # releases the GIL: both cores hash
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while chunk := os.read(fd, 1 << 20):
+                sha.update(chunk)
+        finally:
+            os.close(fd)
         digest = sha.hexdigest().encode()
         with self.lock:
             self.files_read += 1
@@ -338,12 +351,9 @@ def hash_jobs(api, args, cwd):
         try:
             st = os.stat(path)
             if stat.S_ISDIR(st.st_mode):
-                for rel in files_below(path):
-                    try:
-                        yield os.path.join(arg, rel), api.digest(os.path.join(path, rel),
-                                                                 os.stat(os.path.join(path, rel)))
-                    except OSError as e:
-                        yield os.path.join(arg, rel), e
+                shown, path = os.path.join(arg, b""), os.path.join(path, b"")   # end in "/"
+                for rel, st in files_below(path):
+                    yield shown + rel, api.digest(path + rel, st)
             elif stat.S_ISREG(st.st_mode):
                 yield arg, api.digest(path, st)
             else:
@@ -353,24 +363,24 @@ def hash_jobs(api, args, cwd):
 
 
 def files_below(top):
-    """The paths, relative to top, of all regular files below it, sorted as bytes."""
-    found, dirs = [], [b""]
+    """(path relative to top, stat) of each regular file below top (which ends in "/"),
+    sorted by path."""
+    found, dirs = [], [top]
     while dirs:
-        rel = dirs.pop()
-        with os.scandir(os.path.join(top, rel)) as entries:
+        with os.scandir(dirs.pop()) as entries:
             for entry in entries:
-                name = os.path.join(rel, entry.name)
                 if entry.is_dir(follow_symlinks=False):
-                    dirs.append(name)
+                    dirs.append(entry.path + b"/")
                 elif entry.is_file(follow_symlinks=False):
-                    found.append(name)
-    return sorted(found)
+                    found.append((entry.path[len(top):], entry.stat(follow_symlinks=False)))
+    found.sort()                    # by path: paths are unique, stats never compared
+    return found
 
 
 def sha256sum_line(digest, name):
     """One line as sha256sum prints it: a name with \\, \\n or \\r is escaped, the line
     marked by a leading backslash."""
-    if any(c in name for c in (b"\\", b"\n", b"\r")):
+    if b"\\" in name or b"\n" in name or b"\r" in name:
         name = name.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
         return b"\\%s  %s\n" % (digest, name)
     return b"%s  %s\n" % (digest, name)
