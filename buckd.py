@@ -32,7 +32,7 @@ grpc = pb = None         # imported after daemonizing: grpc must not cross a for
 
 def main(d, version, foreground=False):
     """`buck daemon`: start buckd for daemon dir `d`. Returns the `buck daemon` exit code:
-    0 once buckd serves, 1 (with the reason on stderr) if it could not start."""
+    0 once buckd serves; 3 if another buckd holds buckd.pid; else 1. Why: on stderr."""
     try:
         interval = float(os.environ.get("BUCKD_CHECK_INTERVAL", 100))
     except ValueError:
@@ -119,16 +119,19 @@ def lock_pid_file(d):
 
 def redirect_stdio(d):
     """stdin from /dev/null; stdout and stderr to buckd.stdout and buckd.stderr."""
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    for fd, name in ((1, "buckd.stdout"), (2, "buckd.stderr")):
-        os.dup2(os.open(os.path.join(d, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
+    for fd, path, flags in ((0, os.devnull, os.O_RDONLY),
+                            (1, os.path.join(d, "buckd.stdout"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                            (2, os.path.join(d, "buckd.stderr"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+        opened = os.open(path, flags, 0o600)
+        os.dup2(opened, fd)
+        os.close(opened)
 
 
 def tell(ready, code, message):
     """Give the waiting `buck daemon` process its exit code and message: 0 when buckd
     serves, 3 when another buckd holds buckd.pid. (The pipe's EOF ends its wait.)"""
     if ready is None:
-        print(message, file=sys.stderr)
+        print(message or "buckd is serving", file=sys.stderr)
     else:
         os.write(ready, f"{code} {message}".encode())
         os.close(ready)
@@ -294,7 +297,7 @@ class DaemonApi:
     def read_and_hash(self, path, key):
         started = time.time_ns()
         sha = hashlib.sha256()
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)   # never hang on a FIFO
         try:
             while chunk := os.read(fd, 1 << 20):
                 sha.update(chunk)

@@ -195,12 +195,16 @@ def test_version_is_derived_from_the_code(other_buck):
 
 
 def test_outside_a_repository_fails_clearly(sb):
+    '''"a directory in `$HOME/.buck` specific to that repository": with no repository (no
+    .buckconfig in the cwd or above) there is no daemon dir, and we say so.'''
     r = sb.buck("server", cwd=sb.tmp)
     assert r.code == 1 and "not in a buck repository" in r.err and no_traceback(r)
 
 
 @pytest.mark.parametrize("home", ["file", "unset"])
 def test_unusable_home_fails_clearly(sb, home):
+    '''"a directory in `$HOME/.buck`": a HOME that is a file, or none, is one line of error,
+    not a traceback.'''
     env = dict(sb.env)
     if home == "file":
         (sb.tmp / "file").write_text("")
@@ -213,6 +217,8 @@ def test_unusable_home_fails_clearly(sb, home):
 
 
 def test_missing_stubs_say_how_to_fix(sb, tmp_path):
+    '''"The buckd server exposes a simple grpc service": without the generated stubs the
+    client says how to build them.'''
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in ("buck.py", "buckd.py", "daemon.proto"):
@@ -279,6 +285,8 @@ def test_files_are_private_and_bind_is_loopback(sb):
 
 
 def test_rpc_without_the_token_is_rejected(sb):
+    '''"The buckd server exposes a simple grpc service that the client uses": the client,
+    and only a client that read buckd.info (mode 0600), which holds the token.'''
     import grpc
     sys.path.insert(0, str(HERE))
     import daemon_pb2 as pb, daemon_pb2_grpc as pb_grpc
@@ -316,6 +324,8 @@ def test_start_when_none_then_reuse(sb):
 
 
 def test_status_never_starts_a_daemon(sb):
+    '''"There's a small set of commands/arguments that don't require the daemon": `status`
+    reports a daemon but never starts one.'''
     r = sb.buck("status")
     assert (r.code, r.out) == (0, "no buckd running\n") and not sb.processes()
     sb.buck("server")
@@ -464,6 +474,8 @@ def test_race_client_killed_holding_lifecycle_lock(sb):
 # --- Faults
 
 def test_sigkilled_daemon_leaves_stale_files_that_are_survived(sb):
+    '''"If there is an error during 1-3 ... the client needs to (re)start the buck daemon":
+    a SIGKILLed buckd leaves buckd.info and buckd.pid behind; they are survived.'''
     sb.buck("server")
     pid = sb.info()["pid"]
     os.kill(pid, signal.SIGKILL)
@@ -476,6 +488,8 @@ def test_sigkilled_daemon_leaves_stale_files_that_are_survived(sb):
 
 @pytest.mark.parametrize("content", ["{not json", "", "truncated", '{"pid": "x"}'])
 def test_corrupt_info_is_survived(sb, content):
+    '''"read the "buckd.info" file to get the port": if it cannot be read (corrupt, empty,
+    truncated), that is "an error during 1-3", and buckd is restarted.'''
     sb.buck("server")
     info_path, pid = sb.dir() / "buckd.info", sb.info()["pid"]
     if content == "truncated":
@@ -537,6 +551,8 @@ def test_output_is_streamed_and_ctrl_c_cancels(sb):
 
 
 def test_sigkilled_client_cancels_its_command(sb):
+    '''"Most work is done by the daemon process": a client that dies takes its command
+    with it (active_commands drops back).'''
     sb.buck("server")
     client = sb.spawn("debug", "sleep", "300")
     client.stdout.readline()
@@ -547,6 +563,8 @@ def test_sigkilled_client_cancels_its_command(sb):
 
 
 def test_hash_piped_into_head_stops_quietly(sb):
+    '''"Most work is done by the daemon process": `buck hash | head -1` ends quietly, and
+    the rest of the command is cancelled in buckd.'''
     sb.buck("server")
     r = subprocess.run(["bash", "-o", "pipefail", "-c", f"{PY} {BUCK} hash {STDLIB} | head -1"],
                        cwd=sb.repo, env=sb.env, capture_output=True, timeout=120)
@@ -573,6 +591,8 @@ def test_kill_during_a_command_tells_the_client_why(sb, other_buck, killer):
 
 @pytest.mark.parametrize("death", ["crash", "SIGKILL"])
 def test_daemon_dying_under_a_command_is_reported(sb, death):
+    '''"If buckd hits a rust `panic()` the buckd process will exit": a command running at
+    that moment fails, saying so and showing the end of buckd.stderr.'''
     sb.buck("server")
     pid = sb.info()["pid"]
     client = sb.spawn("debug", "sleep", "300")
@@ -597,6 +617,8 @@ def files_under(top):
 
 
 def test_hash_equals_sha256sum_on_real_trees_and_warm_reads_nothing(sb):
+    '''"Buck runs a persistent daemon process (buckd) to reuse work between commands":
+    `hash` prints what sha256sum prints, and a warm run reads no file contents.'''
     sb.buck("server")
     r = sb.buck("hash", *SMALL_TREES, STDLIB / "os.py")
     expected = sha256sum([f for t in SMALL_TREES for f in files_under(t)] + [bytes(STDLIB / "os.py")], "/")
@@ -608,6 +630,8 @@ def test_hash_equals_sha256sum_on_real_trees_and_warm_reads_nothing(sb):
 
 
 def test_hash_odd_names(sb):
+    '''`hash` output is sha256sum's, byte for byte, for names with spaces, newlines,
+    backslashes, carriage returns and bytes that are not UTF-8; `sha256sum -c` accepts it.'''
     names = [b"plain", b"with space", b"new\nline", b"back\\slash", b"car\rriage",
              b"not utf8 \xff\xfe", b"-dash"]
     tree = sb.repo / "odd"
@@ -626,6 +650,7 @@ def test_hash_odd_names(sb):
 
 
 def test_hash_paths_are_relative_to_the_clients_cwd(sb):
+    '''The daemon's cwd is "/": relative paths are the client's, resolved against its cwd.'''
     sub = sb.repo / "a" / "b"
     sub.mkdir(parents=True)
     (sub / "x.txt").write_text("x")
@@ -636,6 +661,7 @@ def test_hash_paths_are_relative_to_the_clients_cwd(sb):
 
 
 def test_hash_errors_and_exit_codes(sb):
+    '''A missing path is reported as sha256sum does; the others are still hashed; exit 1.'''
     sb.buck("server")
     (sb.repo / "ok").write_text("ok")
     r = sb.buck("hash", "missing", "ok")
