@@ -251,12 +251,12 @@ class DaemonApi:
 
     def Command(self, requests, context):
         stop = threading.Event()
+        if not context.add_callback(stop.set):      # the call ended: the client went away
+            stop.set()
         with self.lock:
             self.active.add(stop)
             if self.reason:
                 stop.set()
-        if not context.add_callback(lambda: self.finished(stop)):   # on any end of the call
-            self.finished(stop)
         try:
             request = next(requests)
             yield pb.CommandEvent(accepted=True)
@@ -273,11 +273,9 @@ class DaemonApi:
             return                  # the client went away during the handshake
         except Exception as e:
             panic(e)
-
-    def finished(self, stop):
-        stop.set()                  # the client went away: stop the work
-        with self.lock:
-            self.active.discard(stop)
+        finally:
+            with self.lock:         # the handler has returned: no longer active
+                self.active.discard(stop)
 
     def digest(self, path, st):
         """A file's hex digest (or the OSError reading it), or a Future of it: the cache

@@ -233,7 +233,7 @@ def test_daemon_files_stdio_and_detachment(sb):
     '''"It will first daemonize itself and write its pid to a locked file "buckd.pid" in
     the "daemon directory" ... It redirects its stdout and stderr to files in the daemon
     directory." Then "it will write the port it is running on ... to the "buckd.info"".'''
-    r = sb.buck("daemon")           # returns only once buckd serves
+    r = sb.buck("daemon", timeout=20)   # returns once buckd serves, holding none of our pipes
     assert r.code == 0, r.err
     d, info = sb.dir(), sb.info()
     pid = info["pid"]
@@ -305,6 +305,23 @@ def test_rpc_without_the_token_is_rejected(sb):
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         reply = stub.Status(pb.StatusRequest(), metadata=(("buckd-token", info["auth_token"]),))
         assert reply.pid == info["pid"] and alive(info["pid"])
+
+
+def test_command_runs_only_after_the_clients_go_ahead(sb):
+    """A command runs at most once: buckd answers `accepted` and runs it only once the
+    client confirms it saw that answer. Without the go-ahead, nothing runs."""
+    import grpc
+    sys.path.insert(0, str(HERE))
+    import daemon_pb2 as pb, daemon_pb2_grpc as pb_grpc
+    (sb.repo / "f").write_text("x")
+    sb.buck("server")
+    info = sb.info()
+    with grpc.insecure_channel(f"127.0.0.1:{info['port']}") as channel:
+        request = pb.CommandRequest(name="hash", args=[b"f"], cwd=bytes(sb.repo))
+        events = list(pb_grpc.DaemonApiStub(channel).Command(
+            iter([request]), metadata=(("buckd-token", info["auth_token"]),), timeout=30))
+    assert [e.WhichOneof("event") for e in events] == ["accepted"]
+    assert sb.status()["files_read"] == 0
 
 
 # --- Client connection and buckd startup
@@ -537,7 +554,8 @@ def test_stale_pid_file_naming_a_live_process_never_gets_it_killed(sb):
 # --- Commands run in the daemon
 
 def test_output_is_streamed_and_ctrl_c_cancels(sb):
-    """Ctrl-C in the client cancels the command in the daemon; the daemon keeps running."""
+    """Ctrl-C in the client cancels the command in the daemon (active_commands counts
+    handlers still running); the daemon keeps running."""
     sb.buck("server")
     pid = sb.info()["pid"]
     client = sb.spawn("debug", "sleep", "300")
