@@ -421,8 +421,6 @@ def main(argv):
         print(f"buck {version()}")
         return 0
     args = parse(argv)              # argument errors: usage on stderr, exit 2
-    import signal
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `buck hash | head` ends quietly, like cat
     try:
         if args.command in ("help", "version"):
             return main([args.command])
@@ -430,6 +428,8 @@ def main(argv):
         if args.command == "daemon":
             import buckd
             return buckd.main(d, version(), args.foreground)
+        import signal
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `buck hash | head` ends quietly
         commands = {"status": cmd_status, "server": cmd_server, "kill": cmd_kill}
         return commands.get(args.command, run_command)(d, args)
     except Fail as e:
