@@ -277,7 +277,7 @@ class DaemonApi:
             with self.lock:         # the handler has returned: no longer active
                 self.active.discard(stop)
 
-    def digest(self, path, st):
+    def digest(self, path, st, stop):
         """A file's hex digest (or the OSError reading it), or a Future of it: the cache
         answers if it can; big files go to the pool, both cores hashing (hashlib releases
         the GIL); small ones are hashed right here, as threads would only fight over the
@@ -286,18 +286,20 @@ class DaemonApi:
         if key in self.digests:
             return self.digests[key]
         if st.st_size >= BIG_FILE:
-            return self.pool.submit(self.read_and_hash, path, key)
+            return self.pool.submit(self.read_and_hash, path, key, stop)
         try:
-            return self.read_and_hash(path, key)
+            return self.read_and_hash(path, key, stop)
         except OSError as e:
             return e
 
-    def read_and_hash(self, path, key):
+    def read_and_hash(self, path, key, stop):
         started = time.time_ns()
         sha = hashlib.sha256()
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)   # never hang on a FIFO
         try:
             while chunk := os.read(fd, 1 << 20):
+                if stop.is_set():
+                    return None     # cancelled: no digest, nothing cached
                 sha.update(chunk)
         finally:
             os.close(fd)
@@ -317,7 +319,7 @@ def cmd_hash(api, args, cwd, stop):
     """`buck hash PATH...`: exactly sha256sum's output; a directory stands for the regular
     files below it, sorted. Files are hashed in parallel and printed in order."""
     code, out, window = 0, bytearray(), deque()
-    jobs = hash_jobs(api, args, cwd)
+    jobs = hash_jobs(api, args, cwd, stop)
     while not stop.is_set():
         while len(window) < WINDOW and (job := next(jobs, None)):
             window.append(job)
@@ -345,7 +347,7 @@ def cmd_hash(api, args, cwd, stop):
     return 130 if stop.is_set() else code
 
 
-def hash_jobs(api, args, cwd):
+def hash_jobs(api, args, cwd, stop):
     """(path as shown, digest | Future | OSError) for each file, in output order."""
     for arg in args:
         path = os.path.join(cwd, arg)   # relative to the client's cwd, not ours ("/")
@@ -354,9 +356,9 @@ def hash_jobs(api, args, cwd):
             if stat.S_ISDIR(st.st_mode):
                 shown, path = os.path.join(arg, b""), os.path.join(path, b"")   # end in "/"
                 for rel, st in files_below(path):
-                    yield shown + rel, api.digest(path + rel, st)
+                    yield shown + rel, api.digest(path + rel, st, stop)
             elif stat.S_ISREG(st.st_mode):
-                yield arg, api.digest(path, st)
+                yield arg, api.digest(path, st, stop)
             else:
                 yield arg, OSError(0, "Not a regular file")
         except OSError as e:

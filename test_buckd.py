@@ -534,6 +534,16 @@ def test_port_that_never_answers_is_not_waited_for_forever(sb):
         assert json.loads(r.out)["port"] != silent.getsockname()[1]
 
 
+def test_wedged_daemon_is_killed_as_a_last_resort(sb):
+    """"ensure the buckd process has exited (based on pid)": a buckd that does not answer
+    the kill call (here: stopped) is SIGKILLed, as it provably holds buckd.pid."""
+    sb.buck("server")
+    pid = sb.info()["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    r = sb.buck("kill", timeout=60)
+    assert (r.code, r.out) == (0, f"buckd killed (pid {pid})\n") and not alive(pid)
+
+
 def test_stale_pid_file_naming_a_live_process_never_gets_it_killed(sb):
     """Only the holder of the buckd.pid lock is buckd: a stale file naming a reused pid
     must not get an unrelated process killed."""
@@ -566,6 +576,20 @@ def test_output_is_streamed_and_ctrl_c_cancels(sb):
     wait_for(lambda: sb.status()["active_commands"] == 0)
     assert sb.status()["pid"] == pid
     assert sb.buck("debug", "sleep", "0").code == 0
+
+
+def test_ctrl_c_stops_hashing_a_big_file_midway(sb):
+    """Cancellation reaches into the hashing of one big file (8 GB, sparse): the digest is
+    never finished, so files_read stays 0."""
+    sb.buck("server")
+    with open(sb.repo / "big", "wb") as f:
+        f.truncate(8 << 30)
+    client = sb.spawn("hash", "big")
+    wait_for(lambda: sb.status()["active_commands"] == 1)
+    client.send_signal(signal.SIGINT)
+    assert client.wait(timeout=10) == 130
+    wait_for(lambda: sb.status()["active_commands"] == 0)
+    assert sb.status()["files_read"] == 0
 
 
 def test_sigkilled_client_cancels_its_command(sb):
