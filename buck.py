@@ -41,7 +41,7 @@ grpc = pb = pb_grpc = None  # imported by load_grpc(), only by commands that tal
 
 
 class Fail(Exception):
-    """A failure to report as one line on stderr (exit 1), never as a traceback."""
+    """A failure to report on stderr as `buck: <message>` (exit 1), never as a traceback."""
 
 
 def say(message):

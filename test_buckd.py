@@ -426,7 +426,8 @@ def test_race_cold_start_ends_with_one_daemon(sb):
         results = [result(c, *c.communicate(timeout=120)) for c in clients]
         assert all(r.code == 0 for r in results), [r.err for r in results]
         pids = {json.loads(r.out)["pid"] for r in results}
-        assert len(pids) == 1 and sb.one_daemon() == pids.pop()
+        assert len(pids) == 1, [r.err for r in results]
+        assert sb.one_daemon() == pids.pop()
         assert sum("starting buckd" in r.err for r in results) == 1
         assert sb.buck("kill").code == 0 and not sb.daemons()
 
