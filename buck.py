@@ -48,14 +48,17 @@ def say(message):
     print(f"buck: {message}", file=sys.stderr, flush=True)
 
 
-def version():
+def version(_memo=[]):
     """This client's version: a checksum of the code, so every edit is a new buck build.
-    (crc32: zlib imports in 0.1 ms, hashlib in 6; a version needs no cryptography.)"""
-    crc = 0
-    for name in ("buck.py", "buckd.py", "daemon.proto"):
-        with open(os.path.join(HERE, name), "rb") as f:
-            crc = zlib.crc32(f.read(), crc)
-    return f"{crc:08x}"
+    (crc32: zlib imports in 0.1 ms, hashlib in 6; a version needs no cryptography.)
+    Read once per process: the code this process runs does not change under it."""
+    if not _memo:
+        crc = 0
+        for name in ("buck.py", "buckd.py", "daemon.proto"):
+            with open(os.path.join(HERE, name), "rb") as f:
+                crc = zlib.crc32(f.read(), crc)
+        _memo.append(f"{crc:08x}")
+    return _memo[0]
 
 
 def poll(condition, timeout, interval=0.005):

@@ -327,24 +327,30 @@ def cmd_hash(api, args, cwd, stop):
             break
         shown, result = window.popleft()
         if isinstance(result, Future):
-            if out and not result.done():    # show what is ready while we wait
-                yield pb.CommandEvent(stdout=bytes(out))
-                out.clear()
+            if not result.done():
+                yield from drain(out)   # show what is ready while we wait
             try:
                 result = result.result()
             except OSError as e:
                 result = e
-        if isinstance(result, bytes):
-            out += sha256sum_line(result, shown)
-        if out and (len(out) >= CHUNK or isinstance(result, OSError)):
-            yield pb.CommandEvent(stdout=bytes(out))
-            out.clear()
         if isinstance(result, OSError):
             code = 1
+            yield from drain(out)       # stdout before stderr, in the order of the paths
             yield pb.CommandEvent(stderr=b"buck hash: %s: %s\n" % (shown, result.strerror.encode()))
-    if out and not stop.is_set():
-        yield pb.CommandEvent(stdout=bytes(out))
+        elif result is not None:        # None: hashing was cancelled midway
+            out += sha256sum_line(result, shown)
+            if len(out) >= CHUNK:
+                yield from drain(out)
+    if not stop.is_set():
+        yield from drain(out)
     return 130 if stop.is_set() else code
+
+
+def drain(out):
+    """Send what `out` holds as one stdout event, and empty it."""
+    if out:
+        yield pb.CommandEvent(stdout=bytes(out))
+        out.clear()
 
 
 def hash_jobs(api, args, cwd, stop):
