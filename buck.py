@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""buck: the client of buckd, the buck daemon. The spec is ../shared/design/buckd.md.
+"""buck: the client of buckd, the buck daemon.
 
-`help`, `version` and argument errors are answered here without grpc. Every other command
-finds the daemon dir of this repository, connects to a buckd of this client's version
-(starting or restarting it as "client connection and buckd startup" says) and asks it.
+The spec is buck2's daemon_lifecycle.md (https://github.com/facebook/buck2/blob/main/
+app/buck2_daemon/daemon_lifecycle.md); comments quote its sections. `help`, `version` and
+argument errors are answered here without grpc ("a small set of commands/arguments that
+don't require the daemon"). Every other command finds this repository's daemon dir and
+connects to a buckd of this client's version ("client connection and buckd startup"),
+starting or restarting it if need be, and asks it.
 
-Modules that take milliseconds to import (argparse, json, signal, subprocess, threading,
-grpc) are imported where they are needed: `help` and `version` start as fast as Python.
+buckd.py imports the names below from here, so that client and daemon agree on them.
+Modules that take milliseconds to import (json, subprocess, grpc) are imported where they
+are needed: `help` and `version` start about as fast as Python itself.
 """
 import fcntl
 import os
@@ -14,54 +18,78 @@ import sys
 import time
 import zlib
 
-USAGE_LINE = "buck [--isolation-dir NAME] COMMAND ..."
-USAGE = f"""\
-usage: {USAGE_LINE}
+# --- The names a vendoring user changes (README, "Vendoring"): defined here, once.
+TOOL, DAEMON = "buck", "buckd"          # the command and its daemon, in messages and usage
+STATE_DIR = ".buck"                     # daemon dirs: $HOME/.buck/buckd/<repo root>/<isolation>
+MARKER = ".buckconfig"                  # marks a repository's root
+DEFAULT_ISOLATION = "v2"                # the isolation dir when --isolation-dir is not given
+PID_FILE, INFO_FILE, LOCK_FILE = "buckd.pid", "buckd.info", "lifecycle.lock"
+STDOUT_FILE, STDERR_FILE, PREV_DIR = "buckd.stdout", "buckd.stderr", "prev"
+TOKEN_KEY = "buckd-token"               # the gRPC metadata key that carries buckd's token
+SOURCES = ("buck.py", "buckd.py", "daemon.proto")   # the version: a checksum of these files
+CHECK_INTERVAL_ENV = f"{DAEMON.upper()}_CHECK_INTERVAL"    # BUCKD_CHECK_INTERVAL
+IDLE_TIMEOUT_ENV = f"{DAEMON.upper()}_IDLE_TIMEOUT"        # BUCKD_IDLE_TIMEOUT
+LOG_ENV = f"{TOOL.upper()}_LIFECYCLE_LOG"                  # BUCK_LIFECYCLE_LOG
+STOP_AT_ENV = f"{TOOL.upper()}_LIFECYCLE_STOP_AT"          # BUCK_LIFECYCLE_STOP_AT
 
-commands:
-  help             show this message
-  version          print this client's version
-  status [--json]  report the running buckd; never starts one
-  server [--json]  make sure a buckd of this version runs, then report it
-  kill             stop the running buckd
-  hash PATH...     print SHA-256 digests as sha256sum does, computed and cached by buckd
+# --- The commands, once: the usage is made from this table and so is the parser. "[--x]" is
+# a flag, "[--x=V]" an option with a value, "P" one operand, "P..." one or more, "[P...]" any
+# number. No help text: hidden. Commands not in LOCAL_COMMANDS (at the end of this file) run
+# in buckd, in the handler of the same name in buckd.HANDLERS, which gets operands and options.
+COMMANDS = {
+    "help": ("", "show this message"),
+    "version": ("", "print this client's version"),
+    "status": ("[--json]", "report the running buckd; never starts one"),
+    "server": ("[--json]", "make sure a buckd of this version runs, then report it"),
+    "kill": ("", "stop the running buckd"),
+    "hash": ("PATH...", "print SHA-256 digests as sha256sum does, computed and cached by buckd"),
+    "daemon": ("[--foreground]", None),
+    "debug sleep": ("SECONDS", None),
+    "debug crash": ("", None),
+}
+USAGE_LINE = f"{TOOL} [--isolation-dir NAME] COMMAND ..."
 
-options:
-  --isolation-dir NAME  use a separate buckd (default v2), with its own daemon dir
-"""
-HERE = os.path.dirname(os.path.abspath(__file__))
-PID, INFO, LOCK = "buckd.pid", "buckd.info", "lifecycle.lock"
-STATUS_TIMEOUT = 5.0    # a buckd that does not answer Status by then is not usable
+EXIT_FAILED, EXIT_USAGE = 1, 2          # failure (one line on stderr); bad arguments
+EXIT_ALREADY_RUNNING = 3                # `buck daemon`: another buckd holds buckd.pid
+EXIT_PANIC = 101                        # buckd's panic(), as rust's panic exits
+EXIT_INTERRUPTED = 130                  # Ctrl-C: 128 + SIGINT
+
+STATUS_TIMEOUT = 5.0    # for a buckd to answer Status; then it is not usable
 KILL_TIMEOUT = 2.0      # for the Kill call itself
 EXIT_TIMEOUT = 5.0      # for buckd to exit once told to (then SIGKILL), and again after SIGKILL
 START_TIMEOUT = 30.0    # for `buck daemon` to report that buckd serves
 LOCK_TIMEOUT = 60.0     # for another client to finish starting or killing buckd
-ATTEMPTS = 4            # restarts and re-connects before we give up on a fight over buckd
-grpc = pb = pb_grpc = None  # imported by load_grpc(), only by commands that talk to buckd
+LOCK_PATIENCE = 1.0     # after this long waiting for lifecycle.lock, say for whom
+POLL_INTERVAL = 0.005   # between two looks at a condition we wait for
+ATTEMPTS = 4            # restarts and resends before we give up on a fight over buckd
+TAIL_LINES = 20         # of a dead buckd's stderr, quoted in the report
+
+HERE = os.path.dirname(os.path.realpath(__file__))
+grpc = pb = pb_grpc = None   # imported by load_grpc(), only by commands that talk to buckd
 
 
 class Fail(Exception):
-    """A failure to report on stderr as `buck: <message>` (exit 1), never as a traceback."""
+    """A failure to report on stderr as `buck: <message>`, never as a traceback."""
+
+    def __init__(self, message, code=EXIT_FAILED):
+        super().__init__(message)
+        self.code = code
 
 
 def say(message):
-    print(f"buck: {message}", file=sys.stderr, flush=True)
+    print(f"{TOOL}: {message}", file=sys.stderr, flush=True)
 
 
-def version(_memo=[]):
-    """This client's version: a checksum of the code, so every edit is a new buck build.
-    (crc32: zlib imports in 0.1 ms, hashlib in 6; a version needs no cryptography.)
-    Read once per process: the code this process runs does not change under it."""
-    if not _memo:
-        crc = 0
-        for name in ("buck.py", "buckd.py", "daemon.proto"):
-            with open(os.path.join(HERE, name), "rb") as f:
-                crc = zlib.crc32(f.read(), crc)
-        _memo.append(f"{crc:08x}")
-    return _memo[0]
+def read_file(path):
+    """The file's bytes, or None if it cannot be read (missing, a directory, ...)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
-def poll(condition, timeout, interval=0.005):
+def poll(condition, timeout, interval=POLL_INTERVAL):
     """Wait until condition() is true; False if it still is not after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -71,36 +99,71 @@ def poll(condition, timeout, interval=0.005):
     return True
 
 
-# --- The daemon directory: "a directory in $HOME/.buck specific to that repository+output
-# directory" (daemon process flow).
+_version = None
+
+
+def version():
+    """This client's version: a checksum of SOURCES, so every edit is a new buck build.
+    (crc32: zlib imports in 0.1 ms, hashlib in 6.) Read once: our code does not change
+    under the process that runs it."""
+    global _version
+    if _version is None:
+        crc = 0
+        for name in SOURCES:
+            data = read_file(os.path.join(HERE, name))
+            if data is None:
+                raise Fail(f"cannot read {os.path.join(HERE, name)} (listed in SOURCES)")
+            crc = zlib.crc32(data, crc)
+        _version = f"{crc:08x}"
+    return _version
+
+
+# --- The lifecycle log (README, "Watching the protocol"): with BUCK_LIFECYCLE_LOG=PATH every
+# client and buckd appends one JSON line per step of the doc that it takes; lifecycle.py
+# checks the three guarantees on it and draws it. With BUCK_LIFECYCLE_STOP_AT=STEP a process
+# stops itself (SIGSTOP) right after that step, for a test to act at that exact moment.
+LOG_PATH, STOP_AT = os.environ.get(LOG_ENV), os.environ.get(STOP_AT_ENV)
+trace = {"role": "client", "dir": None, "fd": None}   # buckd.main sets role "daemon"
+
+
+def step(name, /, **fields):
+    """Record that this process has taken step `name` of the doc (if the log is on)."""
+    if LOG_PATH:
+        import json
+        line = {"t": time.time(), "pid": os.getpid(), "role": trace["role"], "version": version(),
+                "dir": trace["dir"], "step": name, **fields}
+        try:
+            if trace["fd"] is None:
+                trace["fd"] = os.open(LOG_PATH, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.write(trace["fd"], json.dumps(line).encode() + b"\n")   # one write: lines never mix
+        except OSError:
+            pass                    # the log is for watching: it never fails a command
+    if name == STOP_AT:
+        import signal
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+# --- "a directory in $HOME/.buck specific to that repository+output directory"
 
 def daemon_dir(isolation):
     """$HOME/.buck/buckd/<repo root without its leading />/<isolation dir>."""
     home = os.environ.get("HOME")
     if not home:
-        raise Fail("HOME is not set: buckd keeps its files in $HOME/.buck")
+        raise Fail(f"HOME is not set: {DAEMON} keeps its files in $HOME/{STATE_DIR}")
     cwd = root = os.getcwd()
-    while not os.path.isfile(os.path.join(root, ".buckconfig")):
+    while not os.path.isfile(os.path.join(root, MARKER)):
         if root == os.path.dirname(root):
-            raise Fail(f"not in a buck repository: no .buckconfig in {cwd} or its parents")
+            raise Fail(f"not in a {TOOL} repository: no {MARKER} in {cwd} or its parents")
         root = os.path.dirname(root)
-    return os.path.join(os.path.abspath(home), ".buck", "buckd", root.lstrip("/"), isolation)
-
-
-def read_file(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
+    return os.path.join(os.path.abspath(home), STATE_DIR, DAEMON, root.lstrip("/"), isolation)
 
 
 def parse_info(raw):
-    """buckd.info as a dict, or None if it is not a complete one (corrupt, truncated)."""
+    """buckd.info as a dict, or None if it is not a complete one (missing, corrupt, cut)."""
     import json
     try:
         info = json.loads(raw)
-        if (isinstance(info["pid"], int) and isinstance(info["port"], int)
+        if (type(info["pid"]) is int and type(info["port"]) is int
                 and isinstance(info["version"], str) and isinstance(info["auth_token"], str)):
             return info
     except (ValueError, TypeError, KeyError):
@@ -108,31 +171,35 @@ def parse_info(raw):
     return None
 
 
-def try_lock(fd):
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
+def read_info(d):
+    return parse_info(read_file(os.path.join(d, INFO_FILE)) or b"")
 
 
-def daemon_pid(d):
-    """The pid of the running buckd: whoever holds the lock on buckd.pid, else None.
-    Only such a pid is safe to signal: a stale buckd.pid may name a reused pid."""
+# Only a single buckd runs at a time: the one holding the lock on buckd.pid. buckd holds it
+# with a POSIX record lock, so that the kernel can tell us *which* process holds it (F_GETLK)
+# without our taking it. The file's text is for humans: it may be stale or rewritten.
+
+def lock_holder(fd):
+    """The pid holding a write lock on fd's file, or None. It asks; it takes nothing."""
+    import struct
+    if sys.platform.startswith("linux"):   # struct flock: (type, whence, start, len, pid)
+        query = struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0)
+        kind, _, _, _, pid = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    else:                                  # macOS, BSD: (start, len, pid, type, whence)
+        query = struct.pack("qqihh", 0, 0, 0, fcntl.F_WRLCK, 0)
+        _, _, pid, kind, _ = struct.unpack("qqihh", fcntl.fcntl(fd, fcntl.F_GETLK, query)[:24])
+    return None if kind == fcntl.F_UNLCK else pid
+
+
+def holder(d):
+    """The pid of the running buckd, as the kernel knows it, or None if no buckd runs. (0
+    would be a holder in another pid namespace: alive, but not ours to signal.)"""
     try:
-        fd = os.open(os.path.join(d, PID), os.O_RDONLY)
-    except FileNotFoundError:
+        fd = os.open(os.path.join(d, PID_FILE), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
         return None
     try:
-        if try_lock(fd):
-            return None             # nobody holds it: no buckd (closing fd unlocks)
-        text = b""
-        def written():              # buckd writes its pid right after taking the lock
-            nonlocal text
-            text = os.pread(fd, 32, 0).strip()
-            return text
-        poll(written, 1.0)
-        return int(text) if text.isdigit() else None
+        return lock_holder(fd)
     finally:
         os.close(fd)
 
@@ -140,191 +207,272 @@ def daemon_pid(d):
 # --- "client connection and buckd startup"
 
 def load_grpc():
-    """Import grpc and the stubs (~250 ms): only the commands that talk to buckd pay it."""
+    """Import grpc and the stubs (the bulk of a client's time): only commands that talk to
+    buckd pay for it. grpc stays quiet here; the user's GRPC_VERBOSITY goes on to buckd."""
     global grpc, pb, pb_grpc
     if grpc is None:
+        quiet = "GRPC_VERBOSITY" not in os.environ
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+        sys.path.insert(0, HERE)    # the stubs sit beside us, wherever we are run from
         try:
             import grpc as grpc_module, daemon_pb2, daemon_pb2_grpc
         except ImportError as e:
             raise Fail(f"{e}: run `make setup`, then use .venv/bin/python (see README.md)")
+        finally:
+            if quiet:               # grpc has read it: buckd gets the user's environment
+                del os.environ["GRPC_VERBOSITY"]
         grpc, pb, pb_grpc = grpc_module, daemon_pb2, daemon_pb2_grpc
+    return grpc, pb, pb_grpc
 
 
 class Connection:
-    """A channel to the one buckd named by a buckd.info. Its auth token, sent with every
-    call, is also its identity: a buckd started later on the same port rejects it."""
+    """A channel to the one buckd that a buckd.info names. Its auth token, sent with every
+    call, is also that buckd's identity: a buckd started later on the same port refuses it."""
 
     def __init__(self, info):
         load_grpc()
-        self.info = info
+        self.pid = info["pid"]
         self.channel = grpc.insecure_channel(f"127.0.0.1:{info['port']}",
                                              options=[("grpc.enable_http_proxy", 0)])
         self.stub = pb_grpc.DaemonApiStub(self.channel)
-        self.metadata = (("buckd-token", info["auth_token"]),)
+        self.metadata = ((TOKEN_KEY, info["auth_token"]),)
 
     def status(self):
         return self.stub.Status(pb.StatusRequest(), timeout=STATUS_TIMEOUT, metadata=self.metadata)
 
     def kill(self, reason):
-        self.stub.Kill(pb.KillRequest(reason=reason), timeout=KILL_TIMEOUT, metadata=self.metadata)
+        """Ask buckd to shut down. False if the call failed (wedged, or gone already)."""
+        try:
+            self.stub.Kill(pb.KillRequest(reason=reason), timeout=KILL_TIMEOUT, metadata=self.metadata)
+            return True
+        except grpc.RpcError:
+            return False
 
-    def command(self, request):
-        return self.stub.Command(request, metadata=self.metadata)
+    def command(self, requests):
+        return self.stub.Command(requests, metadata=self.metadata)
 
 
 def rpc_error(e):
     return f"{e.code().name}: {e.details()}" if isinstance(e, grpc.Call) else str(e)
 
 
-def try_connect(raw):
-    """Steps 1-3 of "client connection": read buckd.info, connect, check the version.
-    Returns (connection, None), or (None, what is wrong) when buckd must be (re)started."""
-    if raw is None:
-        return None, "starting buckd"
-    info = parse_info(raw)
-    if info is None:
-        return None, "buckd.info is corrupt: starting buckd"
-    conn = Connection(info)
-    try:
-        conn.reply = conn.status()
-    except grpc.RpcError as e:
-        return None, f"buckd (pid {info['pid']}) is not usable ({rpc_error(e)}): restarting"
-    if conn.reply.version != version():
-        return None, (f"buckd version mismatch (daemon {conn.reply.version}, "
-                      f"client {version()}): restarting")
-    return conn, None
-
-
 def connect(d, isolation):
-    """A Connection to a buckd of this client's version, (re)starting buckd if need be."""
+    """A Connection to a buckd of this client's version, and that buckd's Status: steps 1-3
+    of "client connection", (re)starting buckd when they fail, at most ATTEMPTS times."""
     for _ in range(ATTEMPTS):
-        raw = read_file(os.path.join(d, INFO))
-        conn, problem = try_connect(raw)
+        raw = read_file(os.path.join(d, INFO_FILE))     # 1. read buckd.info
+        step("connect.1", found=raw is not None)
+        conn, reply, problem = check_version(raw)       # 2-3. connect, check the version
         if conn:
-            return conn
-        with lifecycle_lock(d):
-            if read_file(os.path.join(d, INFO)) != raw:
-                continue            # another client (re)started buckd meanwhile: try that one
-            info = parse_info(raw) if raw else None
-            if info and daemon_pid(d) is None:   # it left its files behind: it died
-                say(f"buckd crashed, see {tail(d)}")
-                problem = "starting buckd"
-            say(problem)
-            kill_daemon(d, f"buckd was restarted by pid {os.getpid()} (client version {version()})")
-            start_daemon(d, isolation)
-    raise Fail(f"gave up after {ATTEMPTS} attempts: buckd keeps being replaced "
+            return conn, reply
+        restart(d, isolation, raw, problem)
+    raise Fail(f"gave up after {ATTEMPTS} attempts: {DAEMON} keeps being replaced "
                "(is a client of another version running?)")
 
 
-def tail(d, lines=20):
-    """'<d>/buckd.stderr' and its last lines, for reports of a daemon that died."""
-    path = os.path.join(d, "buckd.stderr")
-    text = (read_file(path) or b"")[-8192:].decode(errors="replace").splitlines()[-lines:]
-    return path + "".join(f"\n  | {line}" for line in text)
+def check_version(raw):
+    """Steps 2-3: connect to the buckd named by `raw` (buckd.info) and send it Status.
+    Returns (connection, reply, None), or (None, None, why buckd must be (re)started)."""
+    if raw is None:
+        return None, None, f"starting {DAEMON}"
+    info = parse_info(raw)
+    if info is None:
+        return None, None, f"{INFO_FILE} is corrupt: starting {DAEMON}"
+    conn = Connection(info)
+    try:
+        reply = conn.status()
+    except grpc.RpcError as e:
+        return None, None, f"{DAEMON} (pid {info['pid']}) is not usable ({rpc_error(e)}): restarting"
+    ok = reply.version == version()
+    step("connect.3", daemon_pid=reply.pid, daemon_version=reply.version, ok=ok)
+    if not ok:
+        return None, None, (f"{DAEMON} version mismatch (daemon {reply.version}, "
+                            f"client {version()}): restarting")
+    return conn, reply, None
+
+
+def restart(d, isolation, seen, problem):
+    """"To start/restart the buckd process", steps 1-6. Unless, once we hold the lock,
+    buckd.info is no longer the one we `seen`: another client has just (re)started buckd,
+    and we go and use that one."""
+    with lifecycle_lock(d):                             # 1. (and 6. on leaving)
+        wait_if_starting(d)
+        if read_file(os.path.join(d, INFO_FILE)) != seen:
+            return
+        info = parse_info(seen or b"")
+        if info and holder(d) is None:                  # it died, leaving its files behind
+            keep_logs(d)
+            say(f"{DAEMON} crashed, see {crash_log(d, info['pid'])}")
+            problem = f"starting {DAEMON}"
+        say(problem)
+        kill_daemon(d, f"{DAEMON} was restarted by pid {os.getpid()} (client version {version()})")
+        start_daemon(d, isolation)                      # 4-5.
+
+
+def wait_if_starting(d):
+    """A buckd that holds buckd.pid but is not yet named by buckd.info is starting (if it
+    locked less than START_TIMEOUT ago, e.g. for a client that was interrupted): give it
+    time to serve rather than kill it."""
+    pid = holder(d)
+    try:
+        age = time.time() - os.stat(os.path.join(d, PID_FILE)).st_mtime
+    except OSError:
+        return
+    if pid and age < START_TIMEOUT and (read_info(d) or {}).get("pid") != pid:
+        poll(lambda: holder(d) != pid or (read_info(d) or {}).get("pid") == pid, START_TIMEOUT - age)
+
+
+def keep_logs(d):
+    """Move buckd.stdout and buckd.stderr into prev/: a dead buckd's logs outlive the start
+    of the next one (buckd does this when it starts; a client too, when it finds a crash)."""
+    os.makedirs(os.path.join(d, PREV_DIR), 0o700, exist_ok=True)
+    for name in (STDOUT_FILE, STDERR_FILE):
+        try:
+            os.replace(os.path.join(d, name), os.path.join(d, PREV_DIR, name))
+        except FileNotFoundError:
+            pass
+
+
+def crash_log(d, pid):
+    """The path of buckd `pid`'s stderr and its last lines: in the daemon dir, or in prev/
+    once a newer buckd has started (each buckd's log begins with its pid)."""
+    paths = [os.path.join(d, STDERR_FILE), os.path.join(d, PREV_DIR, STDERR_FILE)]
+    logs = [(path, read_file(path) or b"") for path in paths]
+    path, text = next(((p, t) for p, t in logs if f" pid {pid} ".encode() in t[:200]), logs[0])
+    lines = text[-8192:].decode(errors="replace").splitlines()[-TAIL_LINES:]
+    return path + "".join(f"\n  | {line}" for line in lines)
 
 
 # "When the client is killing or starting the buckd process, it will grab an exclusive lock
 # on the "lifecycle.lock" file in the daemon directory."
-class lifecycle_lock:
-    """Held while this client kills or starts buckd. A waiting client says whom it waits for:
-    the holder writes its pid and command into the file."""
+def lifecycle_lock(d):
+    """A context in which this client holds lifecycle.lock: a flock, which the kernel releases
+    when its holder exits, however it dies. A client kept waiting says for whom: the holder
+    writes its pid and command line into the file."""
+    import contextlib
 
-    def __init__(self, d):
+    @contextlib.contextmanager
+    def held():
         os.makedirs(d, 0o700, exist_ok=True)
-        self.fd = os.open(os.path.join(d, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(os.path.join(d, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            locked = lambda: try_flock(fd)
+            if not poll(locked, LOCK_PATIENCE):
+                whom = one_line(os.pread(fd, 200, 0))
+                say(f"waiting for another {TOOL} client to finish starting or killing {DAEMON}: {whom}")
+                if not poll(locked, LOCK_TIMEOUT):
+                    raise Fail(f"timed out after {LOCK_TIMEOUT:.0f} s waiting for {LOCK_FILE} "
+                               f"(held by: {whom})")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)}\n".encode(), 0)
+            step("restart.1")
+            try:
+                yield
+            finally:
+                step("restart.6")
+        finally:
+            os.close(fd)            # closing our only fd of it releases the flock
+    return held()
 
-    def __enter__(self):
-        locked = lambda: try_lock(self.fd)
-        if not poll(locked, 1.0, 0.002):
-            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "?"
-            say(f"waiting for another buck client to finish starting or killing buckd: {holder}")
-            if not poll(locked, LOCK_TIMEOUT, 0.01):
-                os.close(self.fd)
-                raise Fail(f"timed out after {LOCK_TIMEOUT:.0f} s waiting for lifecycle.lock "
-                           f"(held by: {holder})")
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()}: {' '.join(sys.argv)}\n".encode(), 0)
 
-    def __exit__(self, *exc):
-        os.close(self.fd)           # closing the file releases the flock
+def try_flock(fd):
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def one_line(raw):
+    """Text from a file, safe to print: one line, control characters escaped."""
+    text = raw.decode(errors="replace").strip() or "?"
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def kill_daemon(d, reason):
     """Steps 2-3 of "start/restart": send buckd a kill, then make sure, by pid, that it has
-    exited (SIGKILL as the last resort). Returns the pid it killed, or None."""
+    exited: SIGTERM if the call fails, SIGKILL as the last resort. "Gone" means that the
+    lock on buckd.pid is no longer held by that pid. Returns that pid, or None."""
     import signal
-    pid = daemon_pid(d)
+    pid = holder(d)
+    step("restart.2", daemon_pid=pid)
     if pid is None:
         return None
-    info = parse_info(read_file(os.path.join(d, INFO)) or b"")
-    if info and info["pid"] == pid:
-        try:
-            Connection(info).kill(reason)
-        except grpc.RpcError:
-            pass                    # wedged, or gone already: the pid checks below decide
-    else:
-        signal_if_still(d, pid, signal.SIGTERM)     # no buckd.info to call: SIGTERM asks the same
-    gone = lambda: daemon_pid(d) != pid
+    info, how = read_info(d), "rpc"
+    if not (info and info["pid"] == pid and Connection(info).kill(reason)):
+        how = "sigterm"             # the same request, as a signal (buckd exits cleanly)
+        signal_buckd(d, pid, signal.SIGTERM)
+    gone = lambda: holder(d) != pid
     if not poll(gone, EXIT_TIMEOUT):
-        signal_if_still(d, pid, signal.SIGKILL)
+        how = "sigkill"
+        signal_buckd(d, pid, signal.SIGKILL)
         if not poll(gone, EXIT_TIMEOUT):
-            raise Fail(f"could not kill buckd (pid {pid})")
+            raise Fail(f"could not kill {DAEMON} (pid {pid})")
+    step("restart.3", daemon_pid=pid, how=how)
     return pid
 
 
-def signal_if_still(d, pid, sig):
-    """Signal pid only while it provably is buckd: it still holds the buckd.pid lock."""
-    try:
-        if daemon_pid(d) == pid:
+def signal_buckd(d, pid, sig):
+    """Signal pid only if the kernel says it holds the lock on buckd.pid: never a process
+    that a stale or forged buckd.pid names, never 0 or 1 (a process group, init), never us."""
+    if pid > 1 and pid != os.getpid() and holder(d) == pid:
+        try:
             os.kill(pid, sig)
-    except ProcessLookupError:
-        pass                        # it has just exited
+        except ProcessLookupError:
+            pass                    # it has just exited
 
 
 def start_daemon(d, isolation):
-    """Steps 4-5 of "start/restart": run `buck daemon`, which returns once buckd serves."""
+    """Steps 4-5 of "start/restart": run `buck daemon`, which exits once buckd serves."""
     import subprocess
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "buck.py"),
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, os.path.basename(__file__)),
                              "--isolation-dir", isolation, "daemon"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    load_grpc()                     # our own grpc import overlaps the daemon's boot
+    load_grpc()                     # our own grpc import overlaps the daemon's start
     try:
         _, err = proc.communicate(timeout=START_TIMEOUT)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
         kill_daemon(d, "it did not start in time")
-        raise Fail(f"buckd did not start within {START_TIMEOUT:.0f} s, see {tail(d)}")
-    if proc.returncode == 3:
-        return                      # a buckd started behind our back (an orphaned start, or
-                                    # `buck daemon` by hand): the connect loop uses or replaces it
-    if proc.returncode != 0:
-        raise Fail(f"buckd failed to start: {err.decode(errors='replace').strip()}")
+        raise Fail(f"{DAEMON} did not start within {START_TIMEOUT:.0f} s, see {crash_log(d, None)}")
+    step("restart.4", exit=proc.returncode)
+    if proc.returncode == 0:
+        step("restart.5", daemon_pid=holder(d))
+    elif proc.returncode > 0 and proc.returncode != EXIT_ALREADY_RUNNING:
+        why = (err.decode(errors="replace").strip().splitlines() or ["no reason given"])[-1]
+        raise Fail(f"{DAEMON} failed to start: {why.removeprefix(f'{TOOL}: ')}")
+    # Exit 3: a buckd started behind our back (by hand, or for a client that was interrupted);
+    # killed by a signal: buckd may be up or not. Either way the connect loop sees to it.
 
 
 # --- Commands
 
-def cmd_status(d, args):
+def cmd_status(d, isolation, operands, options):
     """Report the running buckd, whatever its version; never start one."""
-    info = parse_info(read_file(os.path.join(d, INFO)) or b"")
+    info = read_info(d)
     if info is None:
-        print("no buckd running")
-        return 0
+        pid = holder(d)
+        if pid is None:
+            print(f"no {DAEMON} running")
+            return 0
+        raise Fail(f"{DAEMON} (pid {pid}) runs, but {INFO_FILE} does not name it (starting?)")
+    conn = Connection(info)
     try:
-        reply = Connection(info).status()
+        reply = conn.status()
     except grpc.RpcError as e:
-        if e.code() != grpc.StatusCode.UNAVAILABLE:
-            raise Fail(f"buckd (pid {info['pid']}) is not responding: {rpc_error(e)}")
-        print("no buckd running")   # a stale buckd.info: its daemon is gone
-        return 0
-    print_status(reply, args.json)
+        if e.code() == grpc.StatusCode.UNAVAILABLE and holder(d) is None:
+            print(f"no {DAEMON} running")   # a stale buckd.info: its daemon is gone
+            return 0
+        raise Fail(f"{DAEMON} (pid {info['pid']}) is not responding: {rpc_error(e)}")
+    print_status(reply, "json" in options)
     return 0
 
 
-def cmd_server(d, args):
+def cmd_server(d, isolation, operands, options):
     """Make sure a buckd of this client's version runs, then report it."""
-    print_status(connect(d, args.isolation_dir).reply, args.json)
+    print_status(connect(d, isolation)[1], "json" in options)
     return 0
 
 
@@ -334,37 +482,41 @@ def print_status(reply, as_json):
         import json
         print(json.dumps(fields))
     else:
-        print("buckd is running\n" + "".join(f"  {k}: {v}\n" for k, v in fields.items()), end="")
+        print(f"{DAEMON} is running\n" + "".join(f"  {k}: {v}\n" for k, v in fields.items()), end="")
 
 
-def cmd_kill(d, args):
-    """`buck kill`: the doc's kill flow, under lifecycle.lock."""
+def cmd_kill(d, isolation, operands, options):
+    """`buck kill`: the doc's kill, steps 1-3 and 6 of "start/restart"."""
     with lifecycle_lock(d):
-        pid = kill_daemon(d, f"`buck kill` was invoked by pid {os.getpid()}")
-    print(f"buckd killed (pid {pid})" if pid else "no buckd running")
+        pid = kill_daemon(d, f"`{TOOL} kill` was invoked by pid {os.getpid()}")
+    print(f"{DAEMON} killed (pid {pid})" if pid is not None else f"no {DAEMON} running")
     return 0
 
 
-def run_command(d, args):
-    """A command that runs in buckd: its output is streamed here as it is produced.
-    Until buckd accepts the command we may reconnect and resend; after that, never."""
+def run_command(d, isolation, name, operands, options):
+    """A command that runs in buckd ("most work is done by the daemon process"), sent on the
+    very connection whose version was checked; its output is streamed as it comes. Until
+    buckd accepts it we may reconnect and resend; after that, never."""
     import threading
     load_grpc()
-    request = pb.CommandRequest(name=args.command + (f"-{args.debug}" if args.command == "debug" else ""),
-                                args=[os.fsencode(str(a)) for a in args.operands],
-                                cwd=os.fsencode(os.getcwd()))
+    request = pb.CommandRequest(name=name, args=[os.fsencode(a) for a in operands],
+                                options=options, cwd=os.fsencode(os.getcwd()))
     for _ in range(ATTEMPTS):
-        conn = connect(d, args.isolation_dir)
+        conn, _ = connect(d, isolation)
         accepted = threading.Event()
         stream = conn.command(handshake(request, accepted))
         try:
             if next(stream).HasField("accepted"):
                 accepted.set()      # the go-ahead: from here on, never resend
                 break
-        except grpc.RpcError:
+        except grpc.RpcError as e:
             stream.cancel()         # buckd went away before it accepted: it ran nothing
+            if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                raise Fail(f"{DAEMON} refused the command: {e.details()}",
+                           EXIT_USAGE if e.code() == grpc.StatusCode.INVALID_ARGUMENT else EXIT_FAILED)
     else:
-        raise Fail("buckd did not accept the command")
+        raise Fail(f"{DAEMON} did not accept the command")
+    step("command", daemon_pid=conn.pid, name=name)
     try:
         for event in stream:
             kind = event.WhichOneof("event")
@@ -375,77 +527,122 @@ def run_command(d, args):
             elif kind == "exit_code":
                 return event.exit_code
             elif kind == "shutdown":
-                raise Fail(f"buckd shut down during the command: {event.shutdown}")
-        raise Fail("buckd ended the command without an exit code")
+                raise Fail(f"{DAEMON} shut down during the command: {event.shutdown}")
+        raise Fail(f"{DAEMON} ended the command without an exit code")
     except grpc.RpcError as e:
-        raise Fail(f"lost buckd (pid {conn.info['pid']}) during the command ({rpc_error(e)}); "
-                   f"it crashed or was killed, see {tail(d)}")
+        raise Fail(f"lost {DAEMON} (pid {conn.pid}) during the command ({rpc_error(e)}); "
+                   f"it crashed or was killed, see {crash_log(d, conn.pid)}")
     except KeyboardInterrupt:
         stream.cancel()             # buckd stops the command; it keeps running
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def handshake(request, accepted):
-    """The client's messages on a Command stream: the command, then, once buckd has
-    accepted it, the empty go-ahead that lets buckd run it."""
+    """The client's side of a Command stream: the command, then, once buckd has accepted
+    it, the empty go-ahead that lets buckd run it (daemon.proto)."""
     yield request
     accepted.wait()
     yield pb.CommandRequest()
 
 
+# --- The command line
+
+class Usage(Exception):
+    """An argument error: one line on stderr with the command's usage, exit 2."""
+
+
 def parse(argv):
-    import argparse
-    parser = argparse.ArgumentParser(prog="buck", usage=USAGE_LINE, add_help=False)
-    parser.add_argument("--isolation-dir", default="v2", type=isolation_name)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in ("help", "version", "kill"):
-        commands.add_parser(name)
-    for name in ("status", "server"):
-        commands.add_parser(name).add_argument("--json", action="store_true")
-    commands.add_parser("hash").add_argument("operands", nargs="+", metavar="PATH")
-    commands.add_parser("daemon").add_argument("--foreground", action="store_true")
-    debug = commands.add_parser("debug").add_subparsers(dest="debug", required=True)
-    debug.add_parser("sleep").add_argument("operands", nargs=1, type=float, metavar="SECONDS")
-    debug.add_parser("crash").set_defaults(operands=[])
-    return parser.parse_args(argv)
+    """argv -> (isolation dir, command, operands, options), as COMMANDS says. Options are
+    {name: value}, "" for a flag."""
+    isolation, argv = DEFAULT_ISOLATION, list(argv)
+    while argv and argv[0].split("=")[0] == "--isolation-dir":
+        word = argv.pop(0)
+        isolation = word.partition("=")[2] if "=" in word else (argv.pop(0) if argv else "")
+        if not isolation or "/" in isolation or isolation in (".", ".."):
+            raise Usage(f"bad --isolation-dir {isolation!r}: a name, not a path (usage: {USAGE_LINE})")
+    name = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else " ".join(argv[:1])
+    if name not in COMMANDS:
+        raise Usage(f"{f'unknown command {name!r}' if name else 'no command'} (usage: {USAGE_LINE}; "
+                    f"see `{TOOL} help`)")
+    spec, full = COMMANDS[name][0].split(), f"(usage: {TOOL} {name} {COMMANDS[name][0]})".replace(" )", ")")
+    takes = {w.strip("[]").split("=")[0]: "=" in w for w in spec if w.startswith("[--")}
+    slots = [w for w in spec if not w.startswith("[--")]
+    words, operands, options = iter(argv[len(name.split()):]), [], {}
+    for word in words:
+        if word == "--":
+            operands += words
+        elif word.startswith("--"):
+            key, has_value, value = word.partition("=")
+            if key not in takes or has_value and not takes[key]:
+                raise Usage(f"{name}: unknown option {word!r} {full}")
+            if takes[key] and not has_value:
+                value = next(words, None)
+                if value is None:
+                    raise Usage(f"{name}: {key} needs a value {full}")
+            options[key[2:]] = value
+        else:
+            operands.append(word)
+    least = sum(not w.startswith("[") for w in slots)
+    most = float("inf") if any(w.rstrip("]").endswith("...") for w in slots) else len(slots)
+    if not least <= len(operands) <= most:
+        raise Usage(f"{name}: {'missing' if len(operands) < least else 'extra'} operand(s) {full}")
+    return isolation, name, operands, options
 
 
-def isolation_name(name):
-    if not name or "/" in name or name in (".", ".."):
-        raise ValueError(name)
-    return name
+def usage():
+    commands = "".join(f"  {f'{name} {args}':<17}{text}\n"
+                       for name, (args, text) in COMMANDS.items() if text)
+    return (f"usage: {USAGE_LINE}\n\ncommands:\n{commands}\noptions:\n  --isolation-dir NAME  "
+            f"use a separate {DAEMON} (default {DEFAULT_ISOLATION}), with its own daemon dir\n")
 
 
 def main(argv):
-    if not argv or argv[0] in ("help", "-h", "--help"):
-        print(USAGE, end="", file=sys.stdout if argv else sys.stderr)   # fast: no argparse
-        return 0 if argv else 2
-    if argv == ["version"]:
-        print(f"buck {version()}")
-        return 0
-    args = parse(argv)              # argument errors: usage on stderr, exit 2
+    """`buck ARGV`: returns the exit code. Every failure is one line on stderr."""
     try:
-        if args.command in ("help", "version"):
-            return main([args.command])
-        d = daemon_dir(args.isolation_dir)
-        if args.command == "daemon":
+        if not argv or argv[0] in ("help", "-h", "--help"):
+            print(usage(), end="", file=sys.stdout if argv else sys.stderr)
+            return 0 if argv else EXIT_USAGE
+        isolation, name, operands, options = parse(argv)
+        if name == "version":
+            print(f"{TOOL} {version()}")
+            return 0
+        d = daemon_dir(isolation)
+        trace["dir"] = d
+        if name == "daemon":
             import buckd
-            return buckd.main(d, version(), args.foreground)
+            return buckd.main(d, "foreground" in options)
         import signal
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `buck hash | head` ends quietly
-        commands = {"status": cmd_status, "server": cmd_server, "kill": cmd_kill}
-        return commands.get(args.command, run_command)(d, args)
+        local = LOCAL_COMMANDS.get(name)
+        if local:
+            return local(d, isolation, operands, options)
+        return run_command(d, isolation, name, operands, options)
+    except Usage as e:
+        say(e)
+        return EXIT_USAGE
     except Fail as e:
         say(e)
+        return e.code
     except OSError as e:
         say(f"{e.filename}: {e.strerror}" if e.filename else e)
     except KeyboardInterrupt:
-        return 130
-    return 1
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if grpc is None or not isinstance(e, grpc.RpcError):
+            raise                   # a bug of ours: its traceback is the report
+        say(f"{DAEMON} did not answer: {rpc_error(e)}")
+    return EXIT_FAILED
 
+
+LOCAL_COMMANDS = {"status": cmd_status, "server": cmd_server, "kill": cmd_kill}
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    sys.stdout.flush()
-    sys.stderr.flush()
+    sys.modules.setdefault("buck", sys.modules["__main__"])    # buckd imports us as `buck`
+    try:
+        code = main(sys.argv[1:])
+        sys.stdout.flush()
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        code = EXIT_FAILED          # our reader went away (`buck help | head -1`)
     os._exit(code)                  # skip interpreter teardown: grpc's threads make it slow

@@ -1,19 +1,22 @@
-"""buckd: the buck daemon. The spec is ../shared/design/buckd.md, "daemon process flow".
+"""buckd: the buck daemon ("daemon process flow" in buck2's daemon_lifecycle.md).
 
 `buck daemon` calls main(): it daemonizes, locks buckd.pid, serves the DaemonApi on
-loopback and writes buckd.info, and only then does the `buck daemon` process exit 0.
-buckd runs until one of the doc's three shutdown paths: the Kill call, its files no longer
-naming it (checked every BUCKD_CHECK_INTERVAL seconds), or a panic (any unexpected error).
+loopback, writes buckd.info, and only then does the `buck daemon` process exit 0. buckd
+then serves until one of the doc's three ways to shut down: the Kill call, its files no
+longer naming it (checked every BUCKD_CHECK_INTERVAL seconds), or a panic (a bug of its
+own); and two more: SIGTERM or SIGINT, and no client for BUCKD_IDLE_TIMEOUT seconds.
 
-Commands run here. Each is a generator in HANDLERS: it gets the arguments (bytes), the
-client's cwd and an Event set when the command must stop; it yields output events and
-returns the exit code. Adding a command = one function here + its argparse entry in buck.py.
+Commands run here. Each is a generator in HANDLERS, named as in buck.COMMANDS: it gets
+the request (operands as bytes, options, the client's cwd) and an Event set when it must
+stop; it yields output events and returns the exit code, or None if it was stopped.
+Adding a command = its line in buck.COMMANDS + its handler here.
 """
 import fcntl
 import hashlib
 import hmac
 import json
 import os
+import select
 import signal
 import stat
 import sys
@@ -23,25 +26,37 @@ import traceback
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
-RACY_NS = 2_000_000_000  # a file changed this close to its hashing may change again unseen
-WINDOW = 256             # files being hashed ahead of the one `buck hash` prints next
-BIG_FILE = 1 << 20       # files this big are hashed in the thread pool
-CHUNK = 64 * 1024        # bytes of output per stream message
-grpc = pb = None         # imported after daemonizing: grpc must not cross a fork
+import buck
+from buck import DAEMON, INFO_FILE, PID_FILE, STDERR_FILE, STDOUT_FILE, TOOL, step
+
+CHECK_INTERVAL = 100.0      # "every 100s or so"; BUCKD_CHECK_INTERVAL overrides it
+IDLE_TIMEOUT = 3 * 3600.0   # as Bazel's --max_idle_secs; BUCKD_IDLE_TIMEOUT overrides, 0: never
+MAX_SECONDS = 1e7           # the longest interval or timeout we accept (115 days)
+GRACE = 2.0                 # seconds running commands get, at shutdown, to say why they end
+MAX_COMMANDS = 256          # commands running at once; one more is refused: buckd is busy
+SPARE_THREADS = 16          # server threads beyond those, so Status and Kill never queue
+RACY_NS = 20_000_000        # a file changed this close to its hashing may change unseen...
+COARSE_RACY_NS = 2_000_000_000  # ...or this close, where timestamps are whole seconds
+CACHE_LIMIT = 1_000_000     # digests kept; past that the cache starts afresh
+WINDOW = 256                # files being hashed ahead of the one `buck hash` prints next
+BIG_FILE = 1 << 20          # files this big are hashed in the pool, on every core
+READ_SIZE = 1 << 20         # bytes per read when hashing
+CHUNK = 64 * 1024           # bytes of output per stream message
+grpc = pb = None            # imported after daemonizing: grpc must not cross a fork
 
 
-def main(d, version, foreground=False):
-    """`buck daemon`: start buckd for daemon dir `d`. Returns the `buck daemon` exit code:
-    0 once buckd serves; 3 if another buckd holds buckd.pid; else 1. Why: on stderr."""
-    try:
-        interval = float(os.environ.get("BUCKD_CHECK_INTERVAL", 100))
-    except ValueError:
-        print("buck daemon: BUCKD_CHECK_INTERVAL must be a number of seconds", file=sys.stderr)
-        return 2
+def main(d, foreground=False):
+    """`buck daemon`: start buckd for daemon dir `d`. Returns `buck daemon`'s exit code:
+    0 once buckd serves; 3 if another buckd holds buckd.pid; 2 for a bad setting; else 1,
+    with the reason on stderr. In the foreground, buckd runs here until it shuts down."""
+    interval = seconds(buck.CHECK_INTERVAL_ENV, CHECK_INTERVAL)
+    idle = seconds(buck.IDLE_TIMEOUT_ENV, IDLE_TIMEOUT, zero_means_never=True)
+    buck.trace["role"] = "daemon"
     os.makedirs(d, 0o700, exist_ok=True)
     if foreground:
-        run(d, version, interval, ready=None)
-    read_end, write_end = os.pipe()
+        return run(d, interval, idle, ready=None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # a Ctrl-C meant for the client that
+    read_end, write_end = os.pipe()                 # runs us must not stop the buckd we start
     child = os.fork()
     if child:                       # the `buck daemon` process: wait for buckd's word
         os.close(write_end)
@@ -50,13 +65,32 @@ def main(d, version, foreground=False):
             word = pipe.read().decode(errors="replace")   # "CODE message", or "" if buckd died
         code, _, message = word.partition(" ")
         if not word:
-            code, message = 1, f"buckd exited during startup, see {d}/buckd.stderr"
+            code, message = 1, f"{DAEMON} exited during startup, see {os.path.join(d, STDERR_FILE)}"
         if message:
             print(message, file=sys.stderr)
         return int(code)
     os.close(read_end)
     daemonize()
-    run(d, version, interval, ready=write_end)
+    os._exit(run(d, interval, idle, ready=write_end))
+
+
+def seconds(name, default, zero_means_never=False):
+    """A duration in seconds from the environment, checked: a bad one is a clear error,
+    never a busy loop (0, negative, nan) nor an overflow (inf)."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if zero_means_never and value == 0:
+        return None
+    if not 0.01 <= value <= MAX_SECONDS:
+        never = " (0: never)" if zero_means_never else ""
+        raise buck.Fail(f"{name} must be seconds from 0.01 to {MAX_SECONDS:g}{never}, not {text!r}",
+                        buck.EXIT_USAGE)
+    return value
 
 
 def daemonize():
@@ -68,91 +102,132 @@ def daemonize():
     os.umask(0o077)                 # every file we create is private
 
 
-def run(d, version, interval, ready):
-    """buckd itself: lock buckd.pid, redirect stdio, serve, write buckd.info, wait."""
+def run(d, interval, idle, ready):
+    """buckd, from start to exit: the doc's start-up, serving until one of the ways to shut
+    down, then the shutdown. Returns the exit code."""
+    wake = watch_signals()
     try:
         pid_fd = lock_pid_file(d)
+    except AlreadyRunning as e:
+        return tell(ready, buck.EXIT_ALREADY_RUNNING, str(e))
+    except OSError as e:
+        return tell(ready, buck.EXIT_FAILED, f"{DAEMON} cannot lock {e.filename}: {e.strerror}")
+    step("daemon.locked")
+    try:
         if ready is not None:
             redirect_stdio(d)
+        log(f"{DAEMON} pid {os.getpid()} version {buck.version()} starting in {d}")
         threading.excepthook = lambda hook: panic(hook.exc_value)
-        server, api = start_server(d, version)
-        info = json.dumps({"pid": os.getpid(), "port": api.port, "version": version,
+        server, api = start_server(d, wake)
+        info = json.dumps({"pid": os.getpid(), "port": api.port, "version": api.version,
                            "auth_token": api.token, "start_time": api.start_time}).encode()
-        write_atomically(os.path.join(d, "buckd.info"), info)
-        log(f"buckd {version} serving on 127.0.0.1:{api.port}")
-    except AlreadyRunning as e:
-        tell(ready, 3, str(e))
-        os._exit(3)
+        info_ino = write_atomically(os.path.join(d, INFO_FILE), info)
+    except OSError as e:            # e.g. a daemon dir we may not write in
+        log(f"cannot start: {e}")
+        step("daemon.shutdown", reason=str(e), path="startup")
+        step("daemon.exit")
+        return tell(ready, buck.EXIT_FAILED, f"{DAEMON} cannot start: {e.filename}: {e.strerror}")
     except BaseException as e:
         panic(e)
+    step("daemon.serving", port=api.port)
+    log(f"serving on 127.0.0.1:{api.port}")
     tell(ready, 0, "")
-    signal.signal(signal.SIGTERM, lambda *_: api.shutdown("buckd received SIGTERM"))
-    signal.signal(signal.SIGINT, lambda *_: api.shutdown("buckd received SIGINT"))
-    while not api.stopping.wait(interval):
-        reason = check_files_still_ours(d, pid_fd, info)
-        if reason:
-            api.shutdown(reason)
-    log(f"shutting down: {api.reason}")
-    server.stop(grace=2).wait()     # running commands get to say why they end
-    if read_file(os.path.join(d, "buckd.info")) == info:
-        os.unlink(os.path.join(d, "buckd.info"))
-    os._exit(0)
+    reason, path = serve(api, d, pid_fd, info, wake, interval, idle)
+    api.shutdown(reason)
+    step("daemon.shutdown", reason=reason, path=path)
+    log(f"shutting down ({path}): {reason}")
+    server.stop(GRACE).wait()       # running commands get to say why they end
+    remove_info_if_ours(d, pid_fd, info_ino)
+    step("daemon.exit")
+    return 0
+
+
+def watch_signals():
+    """SIGTERM and SIGINT ask buckd to shut down. Their handlers do nothing: the C-level
+    handler writes the signal's number to a pipe that serve() waits on (a Python handler
+    runs between the main thread's bytecodes, maybe while it holds a lock: it takes none).
+    The Kill call writes to the same pipe. Returns the pipe (read end, write end)."""
+    wake = os.pipe()
+    for fd in wake:
+        os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)
+    signal.set_wakeup_fd(wake[1])
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    return wake
 
 
 class AlreadyRunning(Exception):
     """Another buckd holds buckd.pid: "only a single daemon is allowed at a time"."""
 
 
+# "write its pid to a locked file "buckd.pid" ... The file is locked exclusively by the
+# daemon process until it exits."
 def lock_pid_file(d):
-    """Write our pid to buckd.pid, locked exclusively until we exit. Open without truncating,
-    lock, then truncate: never clobber the pid of the daemon that holds the lock."""
-    fd = os.open(os.path.join(d, "buckd.pid"), os.O_RDWR | os.O_CREAT, 0o600)
+    """Lock buckd.pid, then write our pid into it: truncate only once locked, never clobber
+    the pid of the buckd that holds it. A POSIX record lock (not flock), so that clients can
+    ask the kernel who holds it (buck.holder). Such a lock is dropped when its holder closes
+    *any* fd of the file: buckd never opens buckd.pid again; it reads it through this fd."""
+    fd = os.open(os.path.join(d, PID_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        raise AlreadyRunning(f"buckd is already running for {d} (pid {holder})") from None
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        pid = buck.lock_holder(fd)
+        os.close(fd)                # we hold no lock on it: closing drops nothing
+        raise AlreadyRunning(f"{DAEMON} is already running for {d} (pid {pid})") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 
 def redirect_stdio(d):
-    """stdin from /dev/null; stdout and stderr to buckd.stdout and buckd.stderr."""
+    """"It redirects its stdout and stderr to files in the daemon directory"; the previous
+    buckd's two files move to prev/, where a report of how it ended can still find them."""
+    buck.keep_logs(d)
     for fd, path, flags in ((0, os.devnull, os.O_RDONLY),
-                            (1, os.path.join(d, "buckd.stdout"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
-                            (2, os.path.join(d, "buckd.stderr"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+                            (1, os.path.join(d, STDOUT_FILE), os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                            (2, os.path.join(d, STDERR_FILE), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
         opened = os.open(path, flags, 0o600)
         os.dup2(opened, fd)
         os.close(opened)
 
 
 def tell(ready, code, message):
-    """Give the waiting `buck daemon` process its exit code and message: 0 when buckd
-    serves, 3 when another buckd holds buckd.pid. (The pipe's EOF ends its wait.)"""
+    """Give the waiting `buck daemon` its exit code and message; returns the code. If it is
+    gone (its client was interrupted), buckd carries on: the next client will use it."""
     if ready is None:
-        print(message or "buckd is serving", file=sys.stderr)
-    else:
+        print(message or f"{DAEMON} is serving", file=sys.stderr)
+        return code
+    try:
         os.write(ready, f"{code} {message}".encode())
-        os.close(ready)
+    except OSError:
+        pass
+    os.close(ready)
+    return code
 
 
 def write_atomically(path, data):
+    """Write a whole file under its final name at once. Returns its inode."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, data)
+        ino = os.fstat(fd).st_ino
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    return ino
 
 
-def read_file(path):
+def remove_info_if_ours(d, pid_fd, info_ino):
+    """On a clean exit, remove buckd.info if it is still the file we wrote and buckd.pid
+    still the one we hold: never the files of a newer buckd."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        pid_path, info_path = os.path.join(d, PID_FILE), os.path.join(d, INFO_FILE)
+        if os.stat(pid_path).st_ino == os.fstat(pid_fd).st_ino and os.stat(info_path).st_ino == info_ino:
+            os.unlink(info_path)
     except OSError:
-        return None
+        pass
 
 
 def log(message):
@@ -160,41 +235,69 @@ def log(message):
 
 
 def panic(error):
-    """Shutdown path 3, the doc's rust panic(): traceback to buckd.stderr, exit at once.
-    A daemon in an unknown state must not keep serving."""
+    """Shutdown path 3, the doc's rust `panic()`: a bug in buckd. Its traceback goes to
+    buckd.stderr and buckd exits at once: a daemon in an unknown state must not serve.
+    (A bad request is no panic: it ends its own call, see DaemonApi.Command.)"""
     traceback.print_exception(type(error), error, error.__traceback__)
+    step("daemon.shutdown", reason=f"panic: {error!r}", path="panic")
+    step("daemon.exit")
     sys.stderr.flush()
-    os._exit(101)
+    os._exit(buck.EXIT_PANIC)
+
+
+# "There are 3 ways that the buckd process will shutdown"
+def serve(api, d, pid_fd, info, wake, interval, idle):
+    """Wait until buckd must shut down; return why, and which way: "kill" (1. the Kill
+    call), "self-check" (2. its files no longer name it), "signal", or "idle". (3. a panic
+    exits from wherever it happens.)"""
+    next_check = time.monotonic() + interval
+    while True:
+        idle_at = api.last_used + idle if idle and not api.active else float("inf")
+        timeout = max(0.0, min(next_check, idle_at) - time.monotonic())
+        if select.select([wake[0]], [], [], timeout)[0]:
+            woken_by = os.read(wake[0], 512)
+            if api.reason:
+                return api.reason, "kill"
+            sig = next((s for s in woken_by if s), None)
+            if sig:
+                return f"{DAEMON} received {signal.Signals(sig).name}", "signal"
+        now = time.monotonic()
+        if now >= next_check:
+            reason = check_files_still_ours(d, pid_fd, info)
+            if reason:
+                return reason, "self-check"
+            next_check = now + interval
+        if idle and not api.active and now >= api.last_used + idle:
+            return f"no client for {idle:g} s ({buck.IDLE_TIMEOUT_ENV})", "idle"
 
 
 # Shutdown path 2: "buckd will periodically (every 100s or so) check the "buckd.pid" and
 # "buckd.info" files to ensure that they still match that buckd process."
 def check_files_still_ours(d, pid_fd, info):
     """Why buckd must exit now, or None while both files still name this process."""
-    pid_path = os.path.join(d, "buckd.pid")
     try:
-        ours, there = os.fstat(pid_fd), os.stat(pid_path)
+        ours, there = os.fstat(pid_fd), os.stat(os.path.join(d, PID_FILE))
     except OSError:
-        return "buckd.pid was removed"
+        return f"{PID_FILE} was removed"
     if (ours.st_dev, ours.st_ino) != (there.st_dev, there.st_ino):
-        return "buckd.pid was replaced"
-    if read_file(pid_path) != f"{os.getpid()}\n".encode():
-        return "buckd.pid names another process"
-    if read_file(os.path.join(d, "buckd.info")) != info:
-        return "buckd.info was removed or rewritten"
+        return f"{PID_FILE} was replaced"
+    if os.pread(pid_fd, 64, 0) != f"{os.getpid()}\n".encode():
+        return f"{PID_FILE} names another process"
+    if buck.read_file(os.path.join(d, INFO_FILE)) != info:
+        return f"{INFO_FILE} was removed or rewritten"
     return None
 
 
-def start_server(d, version):
-    """The DaemonApi gRPC server on 127.0.0.1, port chosen by the kernel."""
+def start_server(d, wake):
+    """The DaemonApi gRPC server on 127.0.0.1, port chosen by the kernel. A thread per
+    running command (at most MAX_COMMANDS), and spare ones: Status and Kill never queue."""
     global grpc, pb
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    import grpc as grpc_module, daemon_pb2, daemon_pb2_grpc
-    grpc, pb = grpc_module, daemon_pb2
-    api = DaemonApi(d, version)
-    server = grpc.server(ThreadPoolExecutor(max_workers=64), interceptors=[require_token(api.token)],
-                         options=[("grpc.so_reuseport", 0)])
-    daemon_pb2_grpc.add_DaemonApiServicer_to_server(api, server)
+    grpc, pb, pb_grpc = buck.load_grpc()
+    api = DaemonApi(d, buck.version(), wake[1])
+    server = grpc.server(ThreadPoolExecutor(MAX_COMMANDS + SPARE_THREADS),
+                         interceptors=[require_token(api.token)], options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_DaemonApiServicer_to_server(api, server)
     api.port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, api
@@ -207,68 +310,99 @@ def require_token(token):
 
     class RequireToken(grpc.ServerInterceptor):
         def intercept_service(self, continuation, details):
-            given = dict(details.invocation_metadata).get("buckd-token", "")
+            given = dict(details.invocation_metadata).get(buck.TOKEN_KEY, "")
             ok = hmac.compare_digest(given.encode(), token.encode())
             return continuation(details) if ok else deny
     return RequireToken()
 
 
-class DaemonApi:
-    """The servicer: Status, Kill and Command, and the state commands share (the cache)."""
+class Invalid(Exception):
+    """A command's arguments are wrong: its client gets the message and exit code 2."""
 
-    def __init__(self, d, version):
-        self.dir, self.version, self.port = d, version, 0
+
+class DaemonApi:
+    """The servicer (Status, Kill, Command) and what commands share: the digest cache.
+
+    Status and Kill answer at once, whatever runs. `lock` guards `active`, `reason` and the
+    cache's growth; it is never taken in a signal handler (buckd's do nothing, see
+    watch_signals). Plain reads of a counter or of `last_used` take no lock."""
+
+    def __init__(self, d, version, wake):
+        self.dir, self.version, self.wake, self.port = d, version, wake, 0
         self.token = os.urandom(16).hex()
         self.start_time = time.time()
-        self.lock = threading.RLock()   # re-entrant: a signal handler may call shutdown()
-        self.active = set()             # one Event per running command, set to stop it
-        self.stopping = threading.Event()
+        self.last_used = time.monotonic()   # when a client last called (for the idle timeout)
+        self.lock = threading.Lock()
+        self.active = set()             # an Event per running command, set to stop it
         self.reason = None              # why buckd is shutting down
-        self.digests = {}               # (dev, ino, size, mtime_ns, ctime_ns) -> hex digest
+        self.digests = {}               # (dev, ino) -> (size, mtime_ns, ctime_ns, hex digest)
         self.files_read = 0
         self.pool = ThreadPoolExecutor(os.cpu_count() or 2)
 
     def Status(self, request, context):
+        self.last_used = time.monotonic()
         return pb.StatusResponse(
             pid=os.getpid(), port=self.port, version=self.version, daemon_dir=self.dir,
             start_time=self.start_time, uptime_s=time.time() - self.start_time,
             active_commands=len(self.active), cache_entries=len(self.digests),
             files_read=self.files_read)
 
-    # Shutdown path 1: "The grpc api includes a kill() call that will shutdown buckd."
+    # Shutdown path 1: "The grpc api includes a `kill()` call that will shutdown buckd."
     def Kill(self, request, context):
         self.shutdown(request.reason or "killed by a client")
         return pb.KillResponse()
 
     def shutdown(self, reason):
-        """Begin the exit: stop every running command; each tells its client why."""
+        """Begin the exit (once): stop every running command, each telling its client why,
+        and wake the main thread (serve)."""
         with self.lock:
-            if not self.stopping.is_set():
+            if self.reason is None:
                 self.reason = reason
                 for stop in self.active:
                     stop.set()
-                self.stopping.set()
+        try:
+            os.write(self.wake, b"\0")
+        except BlockingIOError:
+            pass                    # the pipe is full: serve() is being woken anyway
 
     def Command(self, requests, context):
-        stop = threading.Event()
-        if not context.add_callback(stop.set):      # the call ended: the client went away
-            stop.set()
-        with self.lock:
-            self.active.add(stop)
-            if self.reason:
-                stop.set()
+        """One command, by daemon.proto's handshake: the request, `accepted`, the client's
+        go-ahead, then the handler's output and its exit code. A malformed request ends its
+        own call (INVALID_ARGUMENT); past MAX_COMMANDS, RESOURCE_EXHAUSTED. Only a bug of
+        buckd's own is a panic."""
         try:
-            request = next(requests)
+            request = next(requests, None)
+        except grpc.RpcError:
+            return                  # the client went away
+        problem = malformed(request)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        stop = threading.Event()
+        with self.lock:
+            busy = len(self.active) >= MAX_COMMANDS
+            if not busy:
+                self.active.add(stop)
+                self.last_used = time.monotonic()
+                if self.reason:
+                    stop.set()
+        if busy:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{DAEMON} is busy: {MAX_COMMANDS} commands are running")
+        if not context.add_callback(stop.set):      # the call ends: the client went away
+            stop.set()
+        try:
             yield pb.CommandEvent(accepted=True)
             if next(requests, None) is None:        # no go-ahead: the client has gone
                 return
-            handler = HANDLERS.get(request.name)
-            if handler is None:
-                yield pb.CommandEvent(stderr=f"buckd: no command {request.name!r}\n".encode())
-                code = 2
-            else:
-                code = yield from handler(self, list(request.args), request.cwd, stop)
-            yield pb.CommandEvent(shutdown=self.reason) if self.reason else pb.CommandEvent(exit_code=code)
+            try:
+                code = yield from HANDLERS[request.name](self, request, stop)
+            except Invalid as e:
+                yield pb.CommandEvent(stderr=f"{TOOL} {request.name}: {e}\n".encode())
+                code = buck.EXIT_USAGE
+            if code is not None:                    # it ran to its end
+                yield pb.CommandEvent(exit_code=code)
+            elif self.reason:                       # stopped by the shutdown
+                yield pb.CommandEvent(shutdown=self.reason)
         except grpc.RpcError:
             return                  # the client went away during the handshake
         except Exception as e:
@@ -276,55 +410,76 @@ class DaemonApi:
         finally:
             with self.lock:         # the handler has returned: no longer active
                 self.active.discard(stop)
+                self.last_used = time.monotonic()
 
-    def digest(self, path, st, stop):
-        """A file's hex digest (or the OSError reading it), or a Future of it: the cache
-        answers if it can; big files go to the pool, both cores hashing (hashlib releases
-        the GIL); small ones are hashed right here, as threads would only fight over the
-        GIL for them (measured: two threads took 3x as long as one on the stdlib)."""
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        if key in self.digests:
-            return self.digests[key]
-        if st.st_size >= BIG_FILE:
-            return self.pool.submit(self.read_and_hash, path, key, stop)
-        try:
-            return self.read_and_hash(path, key, stop)
-        except OSError as e:
-            return e
+    def cached(self, st):
+        """The cached hex digest of the file `st` describes, or None."""
+        entry = self.digests.get((st.st_dev, st.st_ino))
+        if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns and entry[2] == st.st_ctime_ns:
+            return entry[3]
+        return None
 
-    def read_and_hash(self, path, key, stop):
+    def read_and_hash(self, path, st, stop):
+        """A file's hex digest, read now, and cached unless the file is "racy" (changed so
+        recently that a change right after our read could keep its size and timestamps).
+        None if stopped midway."""
         started = time.time_ns()
         sha = hashlib.sha256()
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)   # never hang on a FIFO
         try:
-            while chunk := os.read(fd, 1 << 20):
+            while chunk := os.read(fd, READ_SIZE):
                 if stop.is_set():
-                    return None     # cancelled: no digest, nothing cached
+                    return None
                 sha.update(chunk)
         finally:
             os.close(fd)
         digest = sha.hexdigest().encode()
+        newest = max(st.st_mtime_ns, st.st_ctime_ns)
+        racy = COARSE_RACY_NS if newest % 1_000_000_000 == 0 else RACY_NS
         with self.lock:
             self.files_read += 1
-            if len(self.digests) > 1_000_000:
-                self.digests.clear()
-            if max(key[3], key[4]) < started - RACY_NS:   # "racy" entries are never trusted
-                self.digests[key] = digest
+            if newest < started - racy:
+                if len(self.digests) >= CACHE_LIMIT:
+                    self.digests = {}
+                self.digests[st.st_dev, st.st_ino] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
         return digest
+
+
+def malformed(request):
+    """What is wrong with a Command request that no handler should see, or None."""
+    if request is None:
+        return "no command was sent"
+    if request.name not in HANDLERS:
+        return f"no command {request.name!r}"
+    if not os.path.isabs(request.cwd):
+        return f"cwd must be an absolute path, not {request.cwd!r}"
+    return None
+
+
+def expect(request, least, most, options=()):
+    """Check a command's operand count and options, or raise Invalid."""
+    if not least <= len(request.args) <= most:
+        raise Invalid(f"expected {least}{'' if most == least else '+' if most > 1e9 else f'-{most}'} "
+                      f"operand(s), got {len(request.args)}")
+    unknown = set(request.options) - set(options)
+    if unknown:
+        raise Invalid(f"unknown option(s): {', '.join(sorted(unknown))}")
 
 
 # --- Commands
 
-def cmd_hash(api, args, cwd, stop):
+def cmd_hash(api, request, stop):
     """`buck hash PATH...`: exactly sha256sum's output; a directory stands for the regular
-    files below it, sorted. Files are hashed in parallel and printed in order."""
+    files below it, sorted. Big files are hashed in the pool, ahead of the one printed next."""
+    expect(request, 1, float("inf"))
     code, out, window = 0, bytearray(), deque()
-    jobs = hash_jobs(api, args, cwd, stop)
+    jobs = hash_jobs(api, request, stop)
     while not stop.is_set():
         while len(window) < WINDOW and (job := next(jobs, None)):
             window.append(job)
         if not window:
-            break
+            yield from drain(out)
+            return code
         shown, result = window.popleft()
         if isinstance(result, Future):
             if not result.done():
@@ -336,14 +491,12 @@ def cmd_hash(api, args, cwd, stop):
         if isinstance(result, OSError):
             code = 1
             yield from drain(out)       # stdout before stderr, in the order of the paths
-            yield pb.CommandEvent(stderr=b"buck hash: %s: %s\n" % (shown, result.strerror.encode()))
-        elif result is not None:        # None: hashing was cancelled midway
+            yield pb.CommandEvent(stderr=b"%s hash: %s: %s\n" % (TOOL.encode(), shown, result.strerror.encode()))
+        elif result is not None:        # None: hashing was stopped midway
             out += sha256sum_line(result, shown)
             if len(out) >= CHUNK:
                 yield from drain(out)
-    if not stop.is_set():
-        yield from drain(out)
-    return 130 if stop.is_set() else code
+    return None
 
 
 def drain(out):
@@ -353,37 +506,61 @@ def drain(out):
         out.clear()
 
 
-def hash_jobs(api, args, cwd, stop):
+def hash_jobs(api, request, stop):
     """(path as shown, digest | Future | OSError) for each file, in output order."""
-    for arg in args:
-        path = os.path.join(cwd, arg)   # relative to the client's cwd, not ours ("/")
+    for arg in request.args:
+        path = os.path.join(request.cwd, arg)   # the client's cwd, not ours ("/")
         try:
             st = os.stat(path)
             if stat.S_ISDIR(st.st_mode):
                 shown, path = os.path.join(arg, b""), os.path.join(path, b"")   # end in "/"
                 for rel, st in files_below(path):
-                    yield shown + rel, api.digest(path + rel, st, stop)
+                    yield shown + rel, digest(api, path + rel, st, stop)
             elif stat.S_ISREG(st.st_mode):
-                yield arg, api.digest(path, st, stop)
+                yield arg, digest(api, path, st, stop)
             else:
                 yield arg, OSError(0, "Not a regular file")
         except OSError as e:
             yield arg, e
 
 
+def digest(api, path, st, stop):
+    """A file's digest (or the OSError reading it), or a Future of it. The cache answers if
+    it can; big files go to the pool (hashlib releases the GIL); small ones are hashed right
+    here, as threads would only fight over the GIL for them (measured: two threads took 3x
+    as long as one on the stdlib)."""
+    cached = api.cached(st)
+    if cached:
+        return cached
+    if st.st_size >= BIG_FILE:
+        return api.pool.submit(api.read_and_hash, path, st, stop)
+    try:
+        return api.read_and_hash(path, st, stop)
+    except OSError as e:
+        return e
+
+
 def files_below(top):
-    """(path relative to top, stat) of each regular file below top (which ends in "/"),
-    sorted by path."""
-    found, dirs = [], [top]
-    while dirs:
-        with os.scandir(dirs.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    dirs.append(entry.path + b"/")
-                elif entry.is_file(follow_symlinks=False):
-                    found.append((entry.path[len(top):], entry.stat(follow_symlinks=False)))
-    found.sort()                    # by path: paths are unique, stats never compared
-    return found
+    """(path relative to top, stat) of each regular file below top (which ends in "/"), in
+    the order of their sorted paths, one directory at a time: in a directory a subdirectory
+    sorts as its name and "/", as every path below it begins so."""
+    stack = [sorted_entries(top)]
+    while stack:
+        for entry in stack[-1]:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(sorted_entries(entry.path + b"/"))
+                break
+            if entry.is_file(follow_symlinks=False):
+                yield entry.path[len(top):], entry.stat(follow_symlinks=False)
+        else:
+            stack.pop()
+
+
+def sorted_entries(path):
+    with os.scandir(path) as entries:
+        named = [(e.name + b"/" if e.is_dir(follow_symlinks=False) else e.name, e) for e in entries]
+    named.sort(key=lambda pair: pair[0])
+    return iter([e for _, e in named])
 
 
 def sha256sum_line(digest, name):
@@ -395,18 +572,26 @@ def sha256sum_line(digest, name):
     return b"%s  %s\n" % (digest, name)
 
 
-def cmd_debug_sleep(api, args, cwd, stop):
-    """`buck debug sleep SECONDS`: one line, then a cancellable sleep."""
-    seconds = float(args[0])
+def cmd_debug_sleep(api, request, stop):
+    """`buck debug sleep SECONDS`: one line, then a sleep that stops when told to."""
+    expect(request, 1, 1)
+    try:
+        seconds = float(request.args[0])
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds <= MAX_SECONDS:
+        raise Invalid(f"SECONDS must be a number from 0 to {MAX_SECONDS:g}, not {request.args[0].decode(errors='replace')!r}")
+    done = time.monotonic() + seconds
     yield pb.CommandEvent(stdout=b"sleeping for %g s\n" % seconds)
-    stop.wait(seconds)
-    return 130 if stop.is_set() else 0
+    stop.wait(done - time.monotonic())
+    return 0 if time.monotonic() >= done else None      # None: stopped before its end
 
 
-def cmd_debug_crash(api, args, cwd, stop):
-    """`buck debug crash`: a simulated panic in a command."""
+def cmd_debug_crash(api, request, stop):
+    """`buck debug crash`: a simulated bug in a command, hence a panic."""
+    expect(request, 0, 0)
     raise RuntimeError("`buck debug crash` was invoked")
     yield                           # (a generator, like every command)
 
 
-HANDLERS = {"hash": cmd_hash, "debug-sleep": cmd_debug_sleep, "debug-crash": cmd_debug_crash}
+HANDLERS = {"hash": cmd_hash, "debug sleep": cmd_debug_sleep, "debug crash": cmd_debug_crash}

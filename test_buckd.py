@@ -1,9 +1,11 @@
-"""The evidence that buckd keeps ../shared/design/buckd.md, claim by claim.
+"""The evidence that buckd keeps buck2's daemon_lifecycle.md, claim by claim.
 
 Every test drives real processes: `buck.py` clients starting a real buckd, each test in a
 HOME and repository of its own. Nothing is mocked and nothing sleeps to synchronise: we
-poll for conditions with deadlines. At teardown `buck kill` stops the test's daemons; any
-process still carrying the test's HOME is then killed by pid and fails the test.
+poll for conditions with deadlines, and where a test must act at an exact moment of the
+protocol it stops a process there (BUCK_LIFECYCLE_STOP_AT). At teardown `buck kill` stops
+the test's daemons; any process still carrying the test's HOME is then killed by pid and
+fails the test. These helpers read /proc: `make test` runs on Linux.
 """
 import fcntl
 import json
@@ -11,8 +13,10 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +28,13 @@ BUCK = HERE / "buck.py"
 PY = sys.executable
 STDLIB = Path(os.__file__).parent
 SMALL_TREES = [STDLIB / "email", STDLIB / "json", STDLIB / "concurrent"]   # real, not ours
+sys.path.insert(0, str(HERE))
+import lifecycle                    # noqa: E402  (the checker of the three guarantees)
+
+# Run as a background job (`make test &`), we inherit SIGINT ignored, and so would every
+# client we start: the Ctrl-C tests need clients that Ctrl-C reaches.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def wait_for(condition, timeout=15.0, what="the condition"):
@@ -36,12 +47,21 @@ def wait_for(condition, timeout=15.0, what="the condition"):
     return value
 
 
-def alive(pid):
+def state(pid):
+    """A process's state letter (R, S, T for stopped, Z...), or None if there is none."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
-        return False
+        return None
+
+
+def alive(pid):
+    return state(pid) not in (None, "Z")
+
+
+def stopped(pid):
+    return state(pid) in ("T", "t")
 
 
 def cmdline(pid):
@@ -52,6 +72,17 @@ def cmdline(pid):
         return []
 
 
+def lock_holder(path):
+    """Who holds a POSIX write lock on path (F_GETLK, Linux layout), or None."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        kind, _, _, _, pid = struct.unpack("hhqqi", fcntl.fcntl(
+            fd, fcntl.F_GETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0)))
+        return None if kind == fcntl.F_UNLCK else pid
+    finally:
+        os.close(fd)
+
+
 class Sandbox:
     """A HOME and a repository (a dir with .buckconfig) of one test's own."""
 
@@ -60,16 +91,21 @@ class Sandbox:
         self.home.mkdir()
         self.repo.mkdir()
         (self.repo / ".buckconfig").write_text("")
-        self.env = {**os.environ, "HOME": str(self.home), "BUCKD_CHECK_INTERVAL": "0.2"}
+        self.log = tmp / "lifecycle.log"
+        self.env = {**os.environ, "HOME": str(self.home), "BUCKD_CHECK_INTERVAL": "0.2",
+                    "BUCK_LIFECYCLE_LOG": str(self.log)}
+        for name in ("GRPC_VERBOSITY", "BUCKD_IDLE_TIMEOUT", "BUCK_LIFECYCLE_STOP_AT"):
+            self.env.pop(name, None)
 
     def dir(self, isolation="v2"):
         return self.home / ".buck" / "buckd" / str(self.repo).lstrip("/") / isolation
 
-    def spawn(self, *args, script=BUCK, cwd=None, **kw):
+    def spawn(self, *args, script=BUCK, cwd=None, env=None, **kw):
         kw.setdefault("stdout", subprocess.PIPE)
         kw.setdefault("stderr", subprocess.PIPE)
+        env = {k: v for k, v in {**self.env, **(env or {})}.items() if v is not None}  # None: unset
         return subprocess.Popen([PY, str(script), *map(str, args)], cwd=cwd or self.repo,
-                                env=kw.pop("env", self.env), stdin=subprocess.DEVNULL, **kw)
+                                env=env, stdin=subprocess.DEVNULL, **kw)
 
     def buck(self, *args, timeout=60, **kw):
         """Run a client to its end: code, out and err (text; rawout and rawerr: bytes)."""
@@ -105,7 +141,13 @@ class Sandbox:
         """The pid of the only buckd of this test, once the others are gone."""
         return wait_for(lambda: len(d := self.daemons()) == 1 and d[0], what="exactly one buckd")
 
+    def lines(self):
+        return lifecycle.load(self.log) if self.log.exists() else []
+
     def cleanup(self):
+        for pid in self.processes():
+            if stopped(pid):
+                os.kill(pid, signal.SIGCONT)
         for d in self.dir().parent.glob("*/buckd.pid"):
             self.buck("--isolation-dir", d.parent.name, "kill")
         try:
@@ -121,6 +163,16 @@ class Sandbox:
 def result(proc, out, err):
     return SimpleNamespace(code=proc.returncode, pid=proc.pid, rawout=out, rawerr=err,
                            out=out.decode(errors="replace"), err=err.decode(errors="replace"))
+
+
+def finish(sb, proc, timeout=60):
+    """Let a client run to its end, resuming it whenever it stopped itself at a step."""
+    def done():
+        if stopped(proc.pid):
+            os.kill(proc.pid, signal.SIGCONT)
+        return proc.poll() is not None
+    wait_for(done, timeout, what=f"pid {proc.pid} to finish")
+    return result(proc, proc.stdout.read(), proc.stderr.read())
 
 
 @pytest.fixture
@@ -153,6 +205,56 @@ def no_traceback(r):
     return True
 
 
+def one_line_error(r):
+    """A failure said in one line `buck: ...` (a dead daemon's log may follow, quoted)."""
+    said = [line for line in r.err.splitlines() if not line.startswith("  | ")]
+    assert no_traceback(r) and said and said[-1].startswith("buck: "), r.err
+    return True
+
+
+def guarantees_hold(sb, killed=()):
+    """The lifecycle log of this test shows the doc's three guarantees kept."""
+    lines = sb.lines()
+    assert lines, "no lifecycle log was written"
+    violations = lifecycle.check(lines, killed=killed)
+    assert not violations, "\n".join(violations)
+    return True
+
+
+class RawClient:
+    """A gRPC client of the running buckd without buck.py, for the calls buck.py never
+    makes (malformed, or many at once)."""
+
+    def __init__(self, info, channels=1):
+        import grpc
+        import daemon_pb2
+        import daemon_pb2_grpc
+        self.grpc, self.pb = grpc, daemon_pb2
+        self.channels = [grpc.insecure_channel(f"127.0.0.1:{info['port']}") for _ in range(channels)]
+        self.stubs = [daemon_pb2_grpc.DaemonApiStub(c) for c in self.channels]
+        self.metadata = (("buckd-token", info["auth_token"]),)
+        self.streams = []
+
+    def command(self, *requests, go_ahead=True, i=0):
+        """Start a Command stream: the requests; then, once buckd accepts, the go-ahead."""
+        accepted = threading.Event()
+
+        def messages():
+            yield from requests
+            if go_ahead and requests:
+                accepted.wait()
+                yield self.pb.CommandRequest()
+        stream = self.stubs[i % len(self.stubs)].Command(messages(), metadata=self.metadata, timeout=60)
+        self.streams.append(stream)
+        return stream, accepted
+
+    def close(self):
+        for stream in self.streams:
+            stream.cancel()
+        for channel in self.channels:
+            channel.close()
+
+
 # --- Commands that need no daemon
 
 @pytest.mark.parametrize("args, code, stream", [
@@ -167,13 +269,14 @@ def test_help_needs_no_daemon(sb, args, code, stream):
 
 
 @pytest.mark.parametrize("args", [
-    ["frobnicate"], ["status", "--bogus"], ["hash"], ["--isolation-dir", "../x", "status"],
-    ["debug", "sleep", "soon"], ["kill", "extra"]])
+    ["frobnicate"], ["status", "--bogus"], ["status", "--json=yes"], ["hash"], ["debug"],
+    ["--isolation-dir", "../x", "status"], ["--isolation-dir"], ["debug", "sleep"],
+    ["debug", "sleep", "1", "2"], ["kill", "extra"]])
 def test_argument_errors_exit_2_without_daemon(sb, args):
-    '''"cli arg parse failures" need no daemon: usage on stderr, exit 2, no traceback.'''
+    '''"cli arg parse failures" need no daemon: one line on stderr with the usage, exit 2.'''
     r = sb.buck(*args)
-    assert r.code == 2 and "usage: buck" in r.err and no_traceback(r)
-    assert not (sb.home / ".buck").exists()
+    assert r.code == 2 and "usage: buck" in r.err and one_line_error(r)
+    assert len(r.err.splitlines()) == 1 and not (sb.home / ".buck").exists()
 
 
 def test_version_and_help_import_no_grpc(sb):
@@ -205,13 +308,8 @@ def test_outside_a_repository_fails_clearly(sb):
 def test_unusable_home_fails_clearly(sb, home):
     '''"a directory in `$HOME/.buck`": a HOME that is a file, or none, is one line of error,
     not a traceback.'''
-    env = dict(sb.env)
-    if home == "file":
-        (sb.tmp / "file").write_text("")
-        env["HOME"] = str(sb.tmp / "file")
-    else:
-        del env["HOME"]
-    r = sb.buck("server", env=env)
+    (sb.tmp / "file").write_text("")
+    r = sb.buck("server", env={"HOME": str(sb.tmp / "file") if home == "file" else None})
     assert r.code == 1 and r.err.startswith("buck: ") and no_traceback(r)
     assert len(r.err.strip().splitlines()) == 1, r.err
 
@@ -240,12 +338,7 @@ def test_daemon_files_stdio_and_detachment(sb):
     assert sorted(info) == ["auth_token", "pid", "port", "start_time", "version"]
     assert info["version"] == version_of()
     assert (d / "buckd.pid").read_text().strip() == str(pid)
-    fd = os.open(d / "buckd.pid", os.O_RDONLY)
-    try:
-        with pytest.raises(BlockingIOError):
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    finally:
-        os.close(fd)
+    assert lock_holder(d / "buckd.pid") == pid      # the kernel says who: buckd itself
     assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
     assert os.readlink(f"/proc/{pid}/fd/1") == str(d / "buckd.stdout")
     assert os.readlink(f"/proc/{pid}/fd/2") == str(d / "buckd.stderr")
@@ -714,20 +807,419 @@ def test_hash_errors_and_exit_codes(sb):
     assert sb.buck("debug", "sleep", "0").code == 0
 
 
-def test_hash_cache_is_never_stale(sb):
-    """The digest cache is keyed by (device, inode, size, mtime, ctime), and entries hashed
-    too soon after a change ("racy") are not trusted."""
+def test_hash_cache_reuses_a_just_written_tree_and_is_never_stale(sb):
+    """The digest cache is keyed by the file (device, inode) and checked against its size,
+    mtime and ctime. A tree written a moment ago is reused at once; only a file changed
+    within a few clock ticks of its hashing ("racy": a change right after our read could
+    keep all of those) is read again."""
     sb.buck("server")
-    f = sb.repo / "f"
-    f.write_bytes(b"a" * 100)
-    assert sb.buck("hash", "f").rawout == sha256sum([b"f"], sb.repo)
-    assert sb.status()["cache_entries"] == 0     # racy: hashed right after a change
+    tree = sb.repo / "tree"
+    tree.mkdir()
+    for i in range(50):
+        (tree / f"f{i}").write_bytes(b"x" * i)
+    expected = sha256sum(files_under(tree), "/")
+    assert sb.buck("hash", tree).rawout == expected
+    read = sb.status()["files_read"]
+    assert sb.buck("hash", tree).rawout == expected
+    assert sb.status()["files_read"] == read     # the second hash of a just-written tree reads none
+    f = tree / "f10"
     st = f.stat()
-    wait_for(lambda: time.time_ns() > max(st.st_mtime_ns, st.st_ctime_ns) + 2.1e9,
-             what="the file to be older than the racy window")
-    assert sb.buck("hash", "f").rawout == sha256sum([b"f"], sb.repo)
-    assert sb.status()["cache_entries"] == 1     # now trusted
-    f.write_bytes(b"b" * 100)                    # same size, same mtime: only ctime tells
+    f.write_bytes(b"y" * 10)                     # same size, same mtime: only ctime tells
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert f.stat().st_mtime_ns == st.st_mtime_ns
-    assert sb.buck("hash", "f").rawout == sha256sum([b"f"], sb.repo)
+    assert f.stat().st_mtime_ns == st.st_mtime_ns and f.stat().st_size == st.st_size
+    assert sb.buck("hash", tree).rawout == sha256sum(files_under(tree), "/")
+    assert sb.status()["files_read"] == read + 1
+    future = time.time_ns() + 3_600 * 10**9     # racy until then: never cached
+    os.utime(f, ns=(future, future))
+    for _ in range(2):
+        assert sb.buck("hash", f).rawout == sha256sum([bytes(f)], "/")
+    assert sb.status()["files_read"] == read + 3
+
+
+# --- Only a proven buckd is ever signalled ("ensure the buckd process has exited (based
+# on pid)": the pid the kernel says holds buckd.pid's lock, never the file's text).
+
+@pytest.fixture
+def decoy():
+    """A live process of ours that no buck command may ever signal."""
+    proc = subprocess.Popen(["sleep", "1000"])
+    yield proc
+    survived = proc.poll() is None
+    proc.kill()
+    proc.wait()
+    assert survived, f"the decoy (pid {proc.pid}) was signalled"
+
+
+def rewrite_in_place(path, text):
+    """Rewrite a file keeping its inode (buckd's lock stays on it)."""
+    with open(path, "r+") as f:
+        f.truncate()
+        f.write(text)
+
+
+@pytest.mark.parametrize("text", ["decoy", "0", "1", "", "garbage", "-1"])
+def test_kill_stops_the_lock_holder_whatever_buckd_pid_says(sb, decoy, text):
+    """Required by issue 8: `buckd.pid` rewritten in place while buckd runs; `kill` stops
+    the real buckd, exits 0, and the process the text names survives."""
+    sb.buck("server", env={"BUCKD_CHECK_INTERVAL": "100"})
+    pid = sb.info()["pid"]
+    rewrite_in_place(sb.dir() / "buckd.pid", f"{decoy.pid}\n" if text == "decoy" else text)
+    r = sb.buck("kill", timeout=30)
+    assert (r.code, r.out) == (0, f"buckd killed (pid {pid})\n"), r.err
+    assert not alive(pid) and lock_holder(sb.dir() / "buckd.pid") is None
+
+
+@pytest.mark.parametrize("text", ["decoy", "0", "1", "garbage"])
+def test_restart_stops_the_lock_holder_whatever_buckd_pid_says(sb, decoy, other_buck, text):
+    """The restart path too (another version asks): the real buckd is stopped, the decoy
+    is not signalled, and no crash is reported for a buckd that is alive."""
+    sb.buck("server", env={"BUCKD_CHECK_INTERVAL": "100"})
+    pid = sb.info()["pid"]
+    rewrite_in_place(sb.dir() / "buckd.pid", f"{decoy.pid}\n" if text == "decoy" else text)
+    r = sb.buck("server", "--json", script=other_buck, timeout=30)
+    assert r.code == 0 and "version mismatch" in r.err and "crashed" not in r.err, r.err
+    assert not alive(pid) and json.loads(r.out)["pid"] == sb.one_daemon()
+
+
+def test_a_stopped_holder_that_lets_go_is_not_signalled(sb, tmp_path):
+    """The re-check before each signal: a pid that held buckd.pid when the client looked,
+    and no longer does when it signals, is left alone (here a stand-in that unlocks)."""
+    sb.dir().mkdir(parents=True)
+    holder = subprocess.Popen([PY, "-c", f"""if True:
+        import fcntl, os, sys
+        fd = os.open({str(sb.dir() / "buckd.pid")!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        print("locked", flush=True)
+        sys.stdin.readline()
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+        print("unlocked", flush=True)
+        sys.stdin.readline()"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        client = sb.spawn("kill", env={"BUCK_LIFECYCLE_STOP_AT": "restart.2"})
+        wait_for(lambda: stopped(client.pid), what="the client to stop at restart.2")
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline() == "unlocked\n"
+        r = finish(sb, client)
+        assert r.code == 0 and holder.poll() is None, r.err      # not signalled
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_long_stale_pid_text_is_truncated(sb):
+    """buckd truncates buckd.pid once it holds the lock: a longer stale text must not
+    remain after its pid (its self-check would then see "another process" and exit)."""
+    sb.dir().mkdir(parents=True)
+    (sb.dir() / "buckd.pid").write_text("123456789012345678\n")
+    sb.buck("server")
+    pid = sb.info()["pid"]
+    assert (sb.dir() / "buckd.pid").read_text() == f"{pid}\n"
+    ticks = sb.status()["uptime_s"]
+    wait_for(lambda: sb.status()["uptime_s"] > ticks + 1, what="several self-checks")
+    assert sb.info()["pid"] == pid and alive(pid)
+
+
+# --- buckd outlives an interrupted start, and a busy buckd is not a dead one
+
+def test_ctrl_c_during_a_cold_start_keeps_the_daemon(sb):
+    """Ctrl-C to the client's process group while buckd starts: the client exits 130,
+    buckd (whose launcher may be gone) keeps serving, and the next command uses it."""
+    client = sb.spawn("server", env={"BUCK_LIFECYCLE_STOP_AT": "daemon.locked"},
+                      process_group=0)
+    pid = wait_for(lambda: lock_holder(sb.dir() / "buckd.pid") if (sb.dir() / "buckd.pid").exists() else None,
+                   what="buckd to lock buckd.pid")
+    wait_for(lambda: stopped(pid), what="buckd to stop at daemon.locked")
+    os.killpg(client.pid, signal.SIGINT)
+    assert client.wait(timeout=20) == 130
+    os.kill(pid, signal.SIGCONT)
+    r = sb.buck("server", "--json")
+    assert r.code == 0 and r.err == "" and json.loads(r.out)["pid"] == pid, r.err
+
+
+def test_launcher_killed_while_buckd_starts_is_survived(sb):
+    """A `buck daemon` launcher killed by a signal: the client neither fails with an empty
+    reason nor kills the buckd that is starting; it uses it once it serves."""
+    client = sb.spawn("server", "--json", env={"BUCK_LIFECYCLE_STOP_AT": "daemon.locked"})
+    pid = wait_for(lambda: lock_holder(sb.dir() / "buckd.pid") if (sb.dir() / "buckd.pid").exists() else None,
+                   what="buckd to lock buckd.pid")
+    wait_for(lambda: stopped(pid))
+    launcher = next(p for p in sb.processes() if b"daemon" in cmdline(p) and p != pid)
+    os.kill(launcher, signal.SIGKILL)
+    wait_for(lambda: not alive(launcher))
+    os.kill(pid, signal.SIGCONT)
+    r = finish(sb, client)
+    assert r.code == 0 and json.loads(r.out)["pid"] == pid, r.err
+    assert "failed to start" not in r.err and sb.one_daemon() == pid
+
+
+def test_busy_daemon_answers_status_and_is_reused(sb):
+    '''"Generally, we support concurrent buck invocations": with 120 commands running,
+    Status and a new client get their answer at once and reuse the same buckd; past
+    MAX_COMMANDS (256) a command is refused as busy, clearly, and never restarts buckd.'''
+    sb.buck("server")
+    info = sb.info()
+    raw = RawClient(info, channels=8)
+    try:
+        for i in range(120):
+            raw.command(raw.pb.CommandRequest(name="debug sleep", args=[b"300"], cwd=b"/"), i=i)
+        wait_for(lambda: sb.status()["active_commands"] == 120, timeout=60)
+        r = sb.buck("server", "--json")
+        assert r.code == 0 and r.err == "" and json.loads(r.out)["pid"] == info["pid"], r.err
+        for i in range(120, 256):
+            raw.command(raw.pb.CommandRequest(name="debug sleep", args=[b"300"], cwd=b"/"), i=i)
+        wait_for(lambda: sb.status()["active_commands"] == 256, timeout=60)
+        r = sb.buck("debug", "sleep", "0")
+        assert r.code == 1 and "buckd is busy" in r.err and one_line_error(r)
+        assert sb.status()["pid"] == info["pid"]
+    finally:
+        raw.close()
+    wait_for(lambda: sb.status()["active_commands"] == 0, timeout=30)
+    assert sb.buck("debug", "sleep", "0").code == 0
+
+
+# --- Bad input fails its own call, never buckd
+
+@pytest.mark.parametrize("requests, code", [
+    ([], "INVALID_ARGUMENT"),
+    ([dict(name="frobnicate", cwd=b"/")], "INVALID_ARGUMENT"),
+    ([dict(name="hash", args=[b"x"], cwd=b"relative")], "INVALID_ARGUMENT"),
+    ([dict(name="hash", args=[b"x"], cwd=b"")], "INVALID_ARGUMENT"),
+    ([dict(name="debug sleep", cwd=b"/")], 2),
+    ([dict(name="debug sleep", args=[b"soon"], cwd=b"/")], 2),
+    ([dict(name="debug sleep", args=[b"nan"], cwd=b"/")], 2),
+    ([dict(name="debug sleep", args=[b"1", b"2"], cwd=b"/")], 2),
+    ([dict(name="debug sleep", args=[b"0"], options={"x": ""}, cwd=b"/")], 2),
+    ([dict(name="hash", cwd=b"/")], 2),
+    ([dict(name="hash", args=[b"x"], cwd=b"/\xff\xfe/not utf-8")], 1),
+])
+def test_malformed_requests_end_their_own_call(sb, requests, code):
+    """Any client with the token may send anything: a malformed request ends that call
+    (INVALID_ARGUMENT before it is accepted, or exit code 2 and a message), and buckd
+    keeps serving. Only buckd's own bugs are panics (`debug crash`)."""
+    sb.buck("server")
+    info = sb.info()
+    raw = RawClient(info)
+    try:
+        stream, accepted = raw.command(*[raw.pb.CommandRequest(**r) for r in requests])
+        events = []
+        try:
+            for event in stream:
+                events.append(event)
+                if event.HasField("accepted"):
+                    accepted.set()
+        except raw.grpc.RpcError as e:
+            assert e.code().name == code, e
+        else:
+            assert events[-1].exit_code == code, events
+            assert code != 2 or b"buck debug sleep: " in b"".join(e.stderr for e in events) \
+                or b"buck hash: " in b"".join(e.stderr for e in events)
+    finally:
+        raw.close()
+    assert sb.status()["pid"] == info["pid"] and sb.buck("debug", "sleep", "0").code == 0
+
+
+# --- No client traceback, ever
+
+def test_no_grpc_is_one_line_for_every_command(sb):
+    """Without grpc installed (here: python -S, no site-packages) every command that needs
+    it says how to fix it in one line, a buckd running or not."""
+    sb.buck("server")
+    for args in (["status"], ["kill"], ["server"], ["hash", "x"]):
+        proc = subprocess.run([PY, "-S", str(BUCK), *args], cwd=sb.repo, env=sb.env,
+                              capture_output=True, text=True, timeout=30)
+        r = SimpleNamespace(code=proc.returncode, err=proc.stderr)
+        assert r.code == 1 and "make setup" in r.err and one_line_error(r), (args, r.err)
+    assert sb.status()["pid"] == sb.info()["pid"]
+
+
+def test_ctrl_c_once_buck_py_runs_exits_130_quietly(sb):
+    """Ctrl-C at any moment once buck.py's own code runs (its imports done: the `-X
+    importtime` line of buck's first import marks it) exits 130 without a traceback."""
+    sb.buck("server")
+    for when in ("version", "connect.1", "connect.3", "restart.1"):
+        if when == "restart.1":
+            (sb.dir() / "buckd.info").write_text("{corrupt")
+        env = {"BUCK_LIFECYCLE_STOP_AT": when} if when != "version" else {}
+        client = sb.spawn("server", env=env)
+        if when == "version":
+            client = sb.spawn("debug", "sleep", "10")
+            assert client.stdout.readline()     # running in buckd
+        else:
+            wait_for(lambda: stopped(client.pid), what=f"the client to stop at {when}")
+        os.kill(client.pid, signal.SIGINT)
+        if stopped(client.pid):
+            os.kill(client.pid, signal.SIGCONT)
+        r = result(client, *client.communicate(timeout=30))
+        assert r.code == 130 and no_traceback(r), (when, r.err)
+
+
+def test_startup_failure_before_stdio_is_redirected_is_one_line(sb):
+    """buckd failing before it redirects its stdio (buckd.pid is a directory): one line
+    with the reason, and no daemon."""
+    (sb.dir() / "buckd.pid").mkdir(parents=True)
+    r = sb.buck("server")
+    assert r.code == 1 and one_line_error(r) and len(r.err.splitlines()) == 2, r.err
+    assert "buckd failed to start: buckd cannot lock" in r.err and "Is a directory" in r.err
+    assert not sb.daemons()
+
+
+# --- Configuration, environment and signals
+
+@pytest.mark.parametrize("name", ["BUCKD_CHECK_INTERVAL", "BUCKD_IDLE_TIMEOUT"])
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon", "1e300"])
+def test_bad_durations_are_a_clear_error(sb, name, value):
+    """A bad BUCKD_CHECK_INTERVAL or BUCKD_IDLE_TIMEOUT stops the start with one line:
+    never a daemon spinning at 100% CPU (0, negative, nan) or crashing (inf)."""
+    r = sb.buck("server", env={name: value})
+    assert r.code == 1 and one_line_error(r) and f"{name} must be seconds" in r.err, r.err
+    assert not sb.daemons()
+
+
+def test_zero_check_interval_is_refused(sb):
+    r = sb.buck("server", env={"BUCKD_CHECK_INTERVAL": "0"})
+    assert r.code == 1 and "BUCKD_CHECK_INTERVAL must be seconds" in r.err
+
+
+@pytest.mark.parametrize("user", [None, "DEBUG"])
+def test_buckd_gets_the_users_grpc_verbosity(sb, user):
+    """The client silences grpc for itself only: buckd gets the user's environment
+    (GRPC_VERBOSITY unset: buckd's own default, ERROR)."""
+    sb.buck("server", env={"GRPC_VERBOSITY": user})
+    pid = sb.info()["pid"]
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    verbosity = [v for v in environ if v.startswith(b"GRPC_VERBOSITY=")]
+    assert verbosity == ([b"GRPC_VERBOSITY=" + user.encode()] if user else [])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_shut_buckd_down_cleanly(sb, sig):
+    """A signal is a request to shut down, handled in the main loop: buckd stops its
+    commands (their clients are told why), removes buckd.info and logs why."""
+    sb.buck("server")
+    pid = sb.info()["pid"]
+    client = sb.spawn("debug", "sleep", "300")
+    client.stdout.readline()
+    os.kill(pid, sig)
+    r = result(client, *client.communicate(timeout=20))
+    assert r.code == 1 and f"buckd shut down during the command: buckd received {sig.name}" in r.err
+    wait_for(lambda: not alive(pid))
+    assert not (sb.dir() / "buckd.info").exists()
+    assert f"received {sig.name}" in (sb.dir() / "buckd.stderr").read_text()
+    assert [l["step"] for l in sb.lines() if l["pid"] == pid][-2:] == ["daemon.shutdown", "daemon.exit"]
+
+
+def test_waiting_message_is_one_safe_line(sb):
+    """The holder's text in lifecycle.lock is printed escaped, on one line: no newline or
+    terminal escape from another client's arguments reaches the user's terminal."""
+    d = sb.dir()
+    d.mkdir(parents=True)
+    fd = os.open(d / "lifecycle.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, b"pid 4242: evil\nsecond line \x1b[31mred\x07")
+        log = sb.tmp / "client.err"
+        client = sb.spawn("server", stderr=log.open("wb"))
+        wait_for(lambda: "pid 4242" in log.read_text())
+    finally:
+        os.close(fd)
+    client.communicate(timeout=60)
+    waiting = [line for line in log.read_text().splitlines() if "waiting" in line]
+    assert waiting == ["buck: waiting for another buck client to finish starting or killing "
+                       "buckd: pid 4242: evil\\nsecond line \\x1b[31mred\\x07"]
+
+
+# --- Smaller promises
+
+def test_old_buckd_never_removes_a_newer_buckds_info(sb):
+    """A buckd whose buckd.pid was replaced exits at its self-check, cleanly, without
+    deleting the buckd.info of the buckd that now holds the new buckd.pid."""
+    sb.buck("server", env={"BUCKD_CHECK_INTERVAL": "0.5"})
+    old = sb.info()["pid"]
+    os.kill(old, signal.SIGSTOP)
+    replacement = sb.dir() / "buckd.pid.new"
+    replacement.write_text("")
+    os.replace(replacement, sb.dir() / "buckd.pid")
+    assert sb.buck("daemon", env={"BUCKD_CHECK_INTERVAL": "100"}).code == 0
+    new = sb.info()["pid"]
+    os.kill(old, signal.SIGCONT)
+    wait_for(lambda: not alive(old), what="the old buckd's self-check")
+    assert sb.info()["pid"] == new and sb.status()["pid"] == new
+
+
+def test_a_command_that_finished_reports_its_exit_code(sb):
+    """A command whose handler has returned is reported with its exit code, even if the
+    shutdown begins before its last event is sent (here: buckd stopped meanwhile)."""
+    sb.buck("server")
+    pid = sb.info()["pid"]
+    client = sb.spawn("debug", "sleep", "0.5")
+    client.stdout.readline()
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    wait_for(lambda: time.monotonic() > stopped_at + 1, what="the sleep to be over")
+    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGCONT)
+    r = result(client, *client.communicate(timeout=20))
+    assert r.code == 0, r.err
+
+
+def test_crash_report_points_at_the_kept_log(sb):
+    """A crashed buckd's stderr is kept in prev/ when the next one starts, and every report
+    of the crash points at the file that holds its traceback."""
+    sb.buck("server")
+    pid = sb.info()["pid"]
+    client = sb.spawn("debug", "sleep", "300")
+    client.stdout.readline()
+    assert sb.buck("debug", "crash").code == 1
+    r = sb.buck("server")
+    assert "buckd crashed, see " in r.err and "RuntimeError" in r.err
+    lost = result(client, *client.communicate(timeout=20))
+    assert f"lost buckd (pid {pid})" in lost.err and "RuntimeError" in lost.err   # its tail
+    path = r.err.split(", see ")[1].split("\n")[0]
+    assert path == str(sb.dir() / "prev" / "buckd.stderr")
+    assert "RuntimeError" in Path(path).read_text() and f"pid {pid} " in Path(path).read_text()
+    assert "RuntimeError" not in (sb.dir() / "buckd.stderr").read_text()
+
+
+# --- "A client only uses a buckd connection after making sure it has a compatible version"
+
+def test_command_goes_to_the_daemon_whose_version_was_checked(sb, other_buck):
+    """A command is sent on the very connection whose version was checked: stopped right
+    after its check, while another version replaces buckd, the client never hands its
+    command to that other buckd (it reconnects and restarts instead)."""
+    (sb.repo / "f").write_text("x")
+    sb.buck("server")
+    client = sb.spawn("hash", "f", env={"BUCK_LIFECYCLE_STOP_AT": "connect.3"})
+    wait_for(lambda: stopped(client.pid), what="the client to stop after its version check")
+    other = json.loads(sb.buck("server", "--json", script=other_buck).out)["pid"]
+    r = finish(sb, client)
+    assert r.code == 0 and r.rawout == sha256sum([b"f"], sb.repo), r.err
+    assert not alive(other)              # restarted away, never used
+    assert guarantees_hold(sb)
+
+
+def test_hand_started_daemon_during_a_restart_is_used(sb):
+    """`buck daemon` exits 3 when a buckd already holds buckd.pid: a client whose start
+    loses to one started by hand uses that one instead of failing."""
+    client = sb.spawn("server", "--json", env={"BUCK_LIFECYCLE_STOP_AT": "restart.2"})
+    wait_for(lambda: stopped(client.pid), what="the client to stop before its start")
+    assert sb.buck("daemon").code == 0
+    pid = sb.info()["pid"]
+    r = finish(sb, client)
+    assert r.code == 0 and json.loads(r.out)["pid"] == pid, r.err
+    assert [l.get("exit") for l in sb.lines() if l["step"] == "restart.4"] == [3]
+
+
+# --- An idle buckd goes away
+
+def test_idle_daemon_exits_but_never_during_a_command(sb):
+    """BUCKD_IDLE_TIMEOUT: buckd shuts down cleanly once no client has called for that
+    long, never while a command runs, and says so in its log."""
+    sb.buck("server", env={"BUCKD_IDLE_TIMEOUT": "1"})
+    pid = sb.info()["pid"]
+    r = sb.buck("debug", "sleep", "3")
+    assert r.code == 0 and alive(pid), r.err
+    wait_for(lambda: not alive(pid), timeout=20, what="buckd to exit, idle")
+    assert "no client for 1 s (BUCKD_IDLE_TIMEOUT)" in (sb.dir() / "buckd.stderr").read_text()
+    assert not (sb.dir() / "buckd.info").exists()
