@@ -1,5 +1,5 @@
 """lifecycle: check and draw the buckd lifecycle log, the evidence for the design doc's
-three guarantees (../shared/design/buckd.md, "correctness").
+three guarantees (buck2's daemon_lifecycle.md, "correctness").
 
 With BUCK_LIFECYCLE_LOG=PATH every buck client and every buckd appends to PATH one JSON
 object per step of the doc it takes, each line one O_APPEND write(): the file's order is
@@ -24,7 +24,6 @@ lanes() draws the log, a row per line and a column per process; its legend says 
     python lifecycle.py lanes LOG [--killed PID,PID]     the drawing, a summary, the verdict
     python lifecycle.py race [--clients N] [--buck PATH]  a real cold race of two versions
 """
-import fcntl
 import itertools
 import json
 import os
@@ -393,21 +392,17 @@ def finish(proc, timeout=120):
 
 
 def leftovers(home):
-    """The buckds still running under home, each SIGKILLed. Only a process that holds a
-    buckd.pid lock is signalled: a pid from the log may have been reused since."""
+    """The buckds still running under home, each SIGKILLed. Only the process the kernel
+    says holds a buckd.pid lock is signalled: a pid from the log may have been reused."""
+    sys.path.insert(0, HERE)
+    import buck
     pids = []
     for top, _, files in os.walk(home):
-        if "buckd.pid" in files:
-            fd = os.open(os.path.join(top, "buckd.pid"), os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:         # held: its holder is a running buckd
-                pid = int(os.pread(fd, 32, 0).strip() or 0)
-                if pid > 1:
-                    os.kill(pid, signal.SIGKILL)
-                    pids.append(pid)
-            finally:
-                os.close(fd)
+        if buck.PID_FILE in files:
+            pid = buck.holder(top)
+            if pid and pid > 1:
+                os.kill(pid, signal.SIGKILL)
+                pids.append(pid)
     return pids
 
 

@@ -523,6 +523,7 @@ def test_race_cold_start_ends_with_one_daemon(sb):
         assert sb.one_daemon() == pids.pop()
         assert sum("starting buckd" in r.err for r in results) == 1
         assert sb.buck("kill").code == 0 and not sb.daemons()
+    assert guarantees_hold(sb)
 
 
 def test_race_clients_wait_for_lifecycle_lock_and_reuse(sb):
@@ -543,6 +544,7 @@ def test_race_clients_wait_for_lifecycle_lock_and_reuse(sb):
     assert all(c.returncode == 0 for c in clients)
     assert {json.loads(o)["pid"] for o in outs} == {sb.info()["pid"]}
     assert not any("starting buckd" in log.read_text() for log in logs)
+    assert guarantees_hold(sb)
 
 
 def test_race_two_versions_never_use_a_mismatched_daemon(sb, other_buck):
@@ -551,15 +553,17 @@ def test_race_two_versions_never_use_a_mismatched_daemon(sb, other_buck):
     versions = {BUCK: version_of(), other_buck: version_of(other_buck)}
     scripts = [BUCK, other_buck] * 6
     clients = [sb.spawn("server", "--json", script=s) for s in scripts]
+    clients += [sb.spawn("debug", "sleep", "0", script=s) for s in scripts[:4]]
     results = [result(c, *c.communicate(timeout=180)) for c in clients]
     for script, r in zip(scripts, results):
         assert no_traceback(r)
         if r.code == 0:
             assert json.loads(r.out)["version"] == versions[script]
         else:
-            assert r.err.strip().splitlines()[-1].startswith("buck: "), r.err
+            assert one_line_error(r)
     assert any(r.code == 0 for r in results)
     sb.one_daemon()
+    assert guarantees_hold(sb)              # the commands too ran on a checked buckd
 
 
 def test_race_client_killed_holding_lifecycle_lock(sb):
@@ -580,6 +584,7 @@ def test_race_client_killed_holding_lifecycle_lock(sb):
     r = sb.buck("server", "--json", timeout=30)
     assert r.code == 0, r.err
     assert sb.one_daemon() == json.loads(r.out)["pid"]
+    assert guarantees_hold(sb, killed={client.pid})
 
 
 # --- Faults
@@ -1223,3 +1228,266 @@ def test_idle_daemon_exits_but_never_during_a_command(sb):
     wait_for(lambda: not alive(pid), timeout=20, what="buckd to exit, idle")
     assert "no client for 1 s (BUCKD_IDLE_TIMEOUT)" in (sb.dir() / "buckd.stderr").read_text()
     assert not (sb.dir() / "buckd.info").exists()
+
+
+def test_lifecycle_log_records_the_docs_steps(sb):
+    """BUCK_LIFECYCLE_LOG: every client and buckd appends a JSON line per step of the doc,
+    in the order taken: here a cold start, a command, and a kill."""
+    (sb.repo / "f").write_text("x")
+    sb.buck("server")
+    sb.buck("hash", "f")
+    k = sb.buck("kill")
+    lines = sb.lines()
+    daemon = lines[3]["pid"]
+    steps = [(l["role"], l["step"]) for l in lines]
+    assert steps == [("client", "connect.1"), ("client", "restart.1"), ("client", "restart.2"),
+                     ("daemon", "daemon.locked"), ("daemon", "daemon.serving"),
+                     ("client", "restart.4"), ("client", "restart.5"), ("client", "restart.6"),
+                     ("client", "connect.1"), ("client", "connect.3"),
+                     ("client", "connect.1"), ("client", "connect.3"), ("client", "command"),
+                     ("client", "restart.1"), ("client", "restart.2"), ("daemon", "daemon.shutdown"),
+                     ("daemon", "daemon.exit"), ("client", "restart.3"), ("client", "restart.6")]
+    assert lines[0]["found"] is False and lines[2]["daemon_pid"] is None
+    assert lines[4]["port"] > 0
+    assert lines[6]["daemon_pid"] == daemon and lines[9]["ok"] is True
+    assert lines[12] | {"t": 0} == {"t": 0, "pid": lines[12]["pid"], "role": "client",
+                                    "version": version_of(), "dir": str(sb.dir()),
+                                    "step": "command", "daemon_pid": daemon, "name": "hash"}
+    assert lines[15]["path"] == "kill" and lines[15]["reason"] == f"`buck kill` was invoked by pid {k.pid}"
+    assert lines[17]["how"] == "rpc" and all(a["t"] <= b["t"] for a, b in zip(lines, lines[1:]))
+    assert guarantees_hold(sb)
+
+
+# --- The lifecycle log's checker and view (lifecycle.py), on hand-made logs: a checker
+# that cannot fail proves nothing, so each break of a guarantee is fed to it here.
+
+A, B = "1a2b3c4d", "9f3e5d6c"       # two versions
+DIR = "/home/u/.buck/buckd/src/repo/v2"
+
+
+def hand_log(*steps):
+    """Log lines from (pid, version, step, fields) tuples; the role follows the step."""
+    return [{"t": 1700000000.0 + i / 100, "pid": pid, "version": version, "dir": DIR,
+             "role": "daemon" if step.startswith("daemon.") else "client", "step": step, **fields}
+            for i, (pid, version, step, fields) in enumerate(steps)]
+
+
+def s(pid, step, version=A, **fields):
+    return (pid, version, step, fields)
+
+
+def start(client, daemon, version=A):
+    """A client that finds no buckd.info: it takes the lock, launches a buckd, connects."""
+    return [s(client, "connect.1", version, found=False), *launch(client, daemon, version),
+            *reuse(client, daemon, version)]
+
+
+def launch(client, daemon, version=A, kill=None):
+    """A turn of lifecycle.lock: (kill the buckd `kill`, of the other version,) start one."""
+    other = {A: B, B: A}[version]
+    killing = [s(kill, "daemon.shutdown", other, reason=f"restarted by pid {client}", path="kill"),
+               s(kill, "daemon.exit", other),
+               s(client, "restart.3", version, daemon_pid=kill, how="rpc")] if kill else []
+    return [s(client, "restart.1", version), s(client, "restart.2", version, daemon_pid=kill),
+            *killing, s(daemon, "daemon.locked", version),
+            s(daemon, "daemon.serving", version, port=40000 + daemon),
+            s(client, "restart.4", version, exit=0),
+            s(client, "restart.5", version, daemon_pid=daemon), s(client, "restart.6", version)]
+
+
+def reuse(client, daemon, version=A, daemon_version=None):
+    """Steps 1-3 of client connection: a buckd.info found, its version checked."""
+    daemon_version = daemon_version or version
+    return [s(client, "connect.1", version, found=True),
+            s(client, "connect.3", version, daemon_pid=daemon, daemon_version=daemon_version,
+              ok=daemon_version == version)]
+
+
+COLD = hand_log(s(812, "connect.1", found=False), s(813, "connect.1", found=False),     # 1, 2
+           *start(812, 900)[1:],                                                   # 3-11
+           s(813, "restart.1"), s(813, "restart.6"), *reuse(813, 900),             # 12-15
+           s(813, "command", daemon_pid=900, name="hash"))                         # 16
+
+
+def test_a_cold_race_of_two_clients_holds():
+    assert COLD[2]["step"] == "restart.1" and COLD[11]["step"] == "restart.1"
+    assert lifecycle.check(COLD) == []
+
+
+def test_load_numbers_lines_and_names_a_torn_one(tmp_path):
+    path = tmp_path / "log"
+    path.write_text("".join(json.dumps(x) + "\n" for x in COLD) + '{"t": 17000, "pid": 8')
+    lines = lifecycle.load(path)
+    assert lines[:-1] == COLD and len(lines) == 17
+    assert lifecycle.check(lines) == ["line 17 is not a log line (a torn write?): "
+                            "'{\"t\": 17000, \"pid\": 8'"]
+
+
+def test_two_buckds_at_once_in_one_dir():
+    lines = hand_log(*start(812, 900), s(901, "daemon.locked"), s(900, "daemon.exit"))
+    assert lifecycle.check(lines) == [f"guarantee 1 (one buckd at a time): line 11 pid 901 daemon.locked "
+                            f"while pid 900's daemon.locked at line 4 is open (dir {DIR})"]
+
+
+def test_two_buckds_in_two_dirs_are_fine():
+    lines = hand_log(*start(812, 900), s(901, "daemon.locked", dir=DIR + "x"), s(900, "daemon.exit"))
+    assert lifecycle.check(lines) == []
+
+
+def test_a_section_opened_twice_by_one_pid():
+    lines = hand_log(s(812, "restart.1"), s(812, "restart.1"))
+    assert lifecycle.check(lines) == [f"guarantee 2 (one client starting/killing at a time): line 2 pid "
+                            f"812 restart.1 while its own restart.1 at line 1 is open (dir {DIR})"]
+
+
+def test_two_clients_restarting_at_once():
+    lines = hand_log(s(812, "connect.1", found=False), s(813, "connect.1", found=False),
+                s(812, "restart.1"), s(812, "restart.2", daemon_pid=None),
+                s(813, "restart.1"), s(812, "restart.6"), s(813, "restart.6"))
+    assert lifecycle.check(lines) == [f"guarantee 2 (one client starting/killing at a time): line 5 pid "
+                            f"813 restart.1 while pid 812's restart.1 at line 3 is open "
+                            f"(dir {DIR})"]
+
+
+def test_a_command_without_a_version_check():
+    lines = hand_log(*start(812, 900)[:-1], s(812, "command", daemon_pid=900, name="hash"))
+    assert lifecycle.check(lines) == ["guarantee 3 (a compatible version only): line 10 pid 812 command "
+                            "hash on buckd 900 with no earlier connect.3 of its own accepting "
+                            "buckd 900 at version 1a2b3c4d"]
+
+
+def test_a_command_on_another_buckd_than_the_one_checked():
+    lines = hand_log(*start(812, 900), s(812, "command", daemon_pid=901, name="hash"))
+    assert lifecycle.check(lines) == ["guarantee 3 (a compatible version only): line 11 pid 812 command "
+                            "hash on buckd 901 with no earlier connect.3 of its own accepting "
+                            "buckd 901 at version 1a2b3c4d (its last connect.3, line 10, was for "
+                            "buckd 900)"]
+
+
+def test_a_command_on_a_buckd_another_client_checked():
+    lines = hand_log(*start(812, 900), s(813, "command", daemon_pid=900, name="hash"))
+    assert lifecycle.check(lines) == ["guarantee 3 (a compatible version only): line 11 pid 813 command "
+                            "hash on buckd 900 with no earlier connect.3 of its own accepting "
+                            "buckd 900 at version 1a2b3c4d"]
+
+
+def test_accepting_a_mismatched_version():
+    lines = hand_log(*start(812, 900),
+                s(813, "connect.1", B, found=True),
+                s(813, "connect.3", B, daemon_pid=900, daemon_version=A, ok=True))
+    assert lifecycle.check(lines) == ["guarantee 3 (a compatible version only): line 12 pid 813 accepted "
+                            "buckd 900 of version 1a2b3c4d, its own is 9f3e5d6c"]
+
+
+def test_a_command_on_a_buckd_whose_own_version_differs():
+    """The client's connect.3 says the versions match, the buckd's own lines say not."""
+    lines = hand_log(*start(812, 900, version=B)[:-1],
+                s(812, "connect.3", B, daemon_pid=900, daemon_version=B, ok=True))
+    lines[3]["version"] = lines[4]["version"] = A             # buckd 900 is of version A
+    lines.append({**lines[-1], "step": "command", "name": "hash"})
+    assert lifecycle.check(lines) == ["guarantee 3 (a compatible version only): line 11 pid 812 command "
+                            "hash on buckd 900, whose line 4 says version 1a2b3c4d; its own is "
+                            "9f3e5d6c"]
+
+
+SIGKILLED_HOLDERS = hand_log(s(812, "connect.1", found=False), s(812, "restart.1"),   # 812 dies
+                        s(900, "daemon.locked"),                                 # 900 dies
+                        s(813, "connect.1", found=False), s(813, "restart.1"),
+                        s(901, "daemon.locked"), s(813, "restart.6"))
+
+
+def test_killed_closes_a_dead_holders_section():
+    assert lifecycle.check(SIGKILLED_HOLDERS, killed={812, 900}) == []
+
+
+def test_without_killed_a_dead_holder_still_holds():
+    assert lifecycle.check(SIGKILLED_HOLDERS) == [
+        f"guarantee 2 (one client starting/killing at a time): line 5 pid 813 restart.1 while "
+        f"pid 812's restart.1 at line 2 is open (dir {DIR})",
+        f"guarantee 1 (one buckd at a time): line 6 pid 901 daemon.locked while pid 900's "
+        f"daemon.locked at line 3 is open (dir {DIR})"]
+
+
+def test_killed_does_not_close_a_section_before_the_pids_last_line():
+    lines = hand_log(s(900, "daemon.locked"), s(901, "daemon.locked"), s(900, "daemon.serving", port=1))
+    assert len(lifecycle.check(lines, killed={900})) == 1
+
+
+def race12():
+    """A cold race of 12 `buck server` clients, odd pids of version A, even ones of B; then
+    4 `buck hash` clients reuse the last buckd, and a `buck kill` of each version ends it."""
+    version = {c: (B, A)[c % 2] for c in range(801, 813)}
+    lines = [s(c, "connect.1", version[c], found=False) for c in version]
+    lines += launch(801, 900) + reuse(801, 900)
+    for c in (802, 803, 804, 805, 806, 807, 808, 809, 810, 812):  # found it done: reuse or not
+        lines += [s(c, "restart.1", version[c]), s(c, "restart.6", version[c])]
+        lines += reuse(c, 900, version[c], daemon_version=A)
+    lines += [s(811, "restart.1"), s(811, "restart.6")]          # 811 is slow to read it
+    lines += launch(802, 901, B, kill=900) + reuse(802, 901, B)
+    for c in (804, 806, 808, 810, 812):
+        lines += [s(c, "restart.1", B), s(c, "restart.6", B), *reuse(c, 901, B)]
+    lines += reuse(811, 901, A, daemon_version=B) + launch(811, 902, A, kill=901) + reuse(811, 902)
+    for c in (820, 821, 822, 823):
+        lines += [*reuse(c, 902), s(c, "command", daemon_pid=902, name="hash")]
+    lines += [s(830, "restart.1"), s(830, "restart.2", daemon_pid=902),
+              s(902, "daemon.shutdown", reason="`buck kill` was invoked by pid 830", path="kill"),
+              s(902, "daemon.exit"), s(830, "restart.3", daemon_pid=902, how="rpc"),
+              s(830, "restart.6"), s(831, "restart.1", B), s(831, "restart.2", B, daemon_pid=None),
+              s(831, "restart.6", B)]
+    return hand_log(*lines)
+
+
+def test_the_race12_log_holds():
+    assert lifecycle.check(race12()) == []
+
+
+@pytest.mark.parametrize("width", [100, 80])
+def test_lanes_fit_the_width_and_name_the_steps(width):
+    view = lifecycle.lanes(race12(), width)
+    assert max(map(len, view.splitlines())) <= width
+    for code in ("c1 none", "c3 ok", "c3 VERS", "r1 LOCK", "r2 kill", "r2 none", "r3 rpc",
+                 "r4 run", "r5 up", "r6 FREE", "LOCKED", ":40900", "!kill", "EXIT",
+                 "4 reuse D 902"):
+        assert code in view, code
+    assert "D 900" in view.splitlines()[1] and "v1a2b" in view.splitlines()[2]
+
+
+def test_lanes_mark_who_holds_and_who_waits():
+    rows = lifecycle.lanes(COLD).splitlines()
+    header = rows[1]
+    c812, c813, d900 = (header.index(n) for n in ("C 812", "C 813", "D 900"))
+    row = {int(r[:3]): r for r in rows[3:19]}
+    assert row[5][c812] == "|" and row[5][c813] == "." and row[5][d900:].startswith("LOCKED")
+    assert row[12][c812] == " " and row[12][d900] == "|" and row[12][c813:].startswith("r1 LOCK")
+
+
+def test_lanes_and_summary_survive_odd_lines():
+    lines = COLD + [{**COLD[0], "step": "connect.2", "new": [1]}, {"_bad": '{"t": 1'}]
+    view = lifecycle.lanes(lines)
+    assert "\n17 connect " in view and "line 18 is not a log line: skipped" in view
+    assert "C 812 launched D 900; C 813 (nothing to do)." in lifecycle.summary(lines)
+
+
+def test_summary_says_who_waited_and_what_each_version_got():
+    text = " ".join(lifecycle.summary(race12()).split())
+    assert "C 802 killed D 900 (rpc), launched D 901" in text
+    assert "through this many turns of others: C 802 11, C 803 2," in text
+    assert "Version 9f3e: buckds D 901;" in text
+    assert "C 802 (v9f3e) at D 900 (v1a2b)" in text
+    assert "D 902 (v1a2b) shut down (kill): `buck kill` was invoked by pid 830." in text
+
+
+def test_command_line(tmp_path, capsys):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.write_text("".join(json.dumps(x) + "\n" for x in COLD))
+    bad.write_text("".join(json.dumps(x) + "\n" for x in SIGKILLED_HOLDERS))
+    assert lifecycle.main(["check", str(good)]) == 0
+    assert capsys.readouterr().out == "ok: 16 lines, the three guarantees hold\n"
+    assert lifecycle.main(["check", str(bad)]) == 1 and "guarantee 2" in capsys.readouterr().out
+    assert lifecycle.main(["check", str(bad), "--killed", "812,900"]) == 0
+    assert lifecycle.main(["lanes", str(good)]) == 0 and "legend" in capsys.readouterr().out
+    for argv in ([], ["check"], ["check", str(tmp_path / "none")], ["lanes", str(good), "--x", "1"],
+                 ["check", str(good), "--killed", "a"], ["race", "--clients"]):
+        assert lifecycle.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("lifecycle: ") and err.count("\n") == 1, err
