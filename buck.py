@@ -3,60 +3,54 @@
 
 The spec is buck2's daemon_lifecycle.md (https://github.com/facebook/buck2/blob/main/
 app/buck2_daemon/daemon_lifecycle.md); comments quote its sections. `help`, `version` and
-argument errors are answered here without grpc ("a small set of commands/arguments that
-don't require the daemon"). Every other command finds this repository's daemon dir and
-connects to a buckd of this client's version ("client connection and buckd startup"),
-starting or restarting it if need be, and asks it.
-
-buckd.py imports the names below from here, so that client and daemon agree on them.
-Modules that take milliseconds to import (json, subprocess, grpc) are imported where they
-are needed: `help` and `version` start about as fast as Python itself.
+argument errors need no daemon and no grpc; every other command connects to a buckd of
+this client's version ("client connection and buckd startup") and asks it. Slow imports
+(json, subprocess, grpc) happen where needed: `help` starts as fast as Python itself.
 """
-import fcntl
 import os
 import sys
 import time
-import zlib
 
-# --- The names a vendoring user changes (README, "Vendoring"): defined here, once.
+# --- The names a vendoring user changes (README, "Vendoring"): here, once; buckd.py imports
+# them. Renaming TOOL and DAEMON renames everything else.
 TOOL, DAEMON = "buck", "buckd"          # the command and its daemon, in messages and usage
-STATE_DIR = ".buck"                     # daemon dirs: $HOME/.buck/buckd/<repo root>/<isolation>
-MARKER = ".buckconfig"                  # marks a repository's root
-DEFAULT_ISOLATION = "v2"                # the isolation dir when --isolation-dir is not given
-PID_FILE, INFO_FILE, LOCK_FILE = "buckd.pid", "buckd.info", "lifecycle.lock"
-STDOUT_FILE, STDERR_FILE, PREV_DIR = "buckd.stdout", "buckd.stderr", "prev"
-TOKEN_KEY = "buckd-token"               # the gRPC metadata key that carries buckd's token
 SOURCES = ("buck.py", "buckd.py", "daemon.proto")   # the version: a checksum of these files
+STATE_DIR = f".{TOOL}"                  # daemon dirs: $HOME/.buck/buckd/<repo root>/<isolation>
+MARKER = f".{TOOL}config"               # .buckconfig: marks a repository's root
+DEFAULT_ISOLATION = "v2"                # the isolation dir when --isolation-dir is not given
+PID_FILE, INFO_FILE = f"{DAEMON}.pid", f"{DAEMON}.info"            # buckd.pid, buckd.info
+STDOUT_FILE, STDERR_FILE = f"{DAEMON}.stdout", f"{DAEMON}.stderr"  # buckd.stdout, buckd.stderr
+LOCK_FILE, PREV_DIR = "lifecycle.lock", "prev"
+TOKEN_KEY = f"{DAEMON}-token"           # buckd-token: the gRPC metadata with buckd's token
 CHECK_INTERVAL_ENV = f"{DAEMON.upper()}_CHECK_INTERVAL"    # BUCKD_CHECK_INTERVAL
 IDLE_TIMEOUT_ENV = f"{DAEMON.upper()}_IDLE_TIMEOUT"        # BUCKD_IDLE_TIMEOUT
 LOG_ENV = f"{TOOL.upper()}_LIFECYCLE_LOG"                  # BUCK_LIFECYCLE_LOG
 STOP_AT_ENV = f"{TOOL.upper()}_LIFECYCLE_STOP_AT"          # BUCK_LIFECYCLE_STOP_AT
 
-# --- The commands, once: the usage is made from this table and so is the parser. "[--x]" is
-# a flag, "[--x=V]" an option with a value, "P" one operand, "P..." one or more, "[P...]" any
-# number. No help text: hidden. Commands not in LOCAL_COMMANDS (at the end of this file) run
-# in buckd, in the handler of the same name in buckd.HANDLERS, which gets operands and options.
+# --- The commands, once: their usage and their parser are made from this table. "[--x]" is
+# a flag, "[--x=V]" an option with a value, "P" an operand, "P..." one or more, "[P...]" any
+# number; no help text: hidden. Those not in LOCAL_COMMANDS run in buckd's HANDLERS[name].
 COMMANDS = {
     "help": ("", "show this message"),
     "version": ("", "print this client's version"),
-    "status": ("[--json]", "report the running buckd; never starts one"),
-    "server": ("[--json]", "make sure a buckd of this version runs, then report it"),
-    "kill": ("", "stop the running buckd"),
-    "hash": ("PATH...", "print SHA-256 digests as sha256sum does, computed and cached by buckd"),
+    "status": ("[--json]", f"report the running {DAEMON}; never starts one"),
+    "server": ("[--json]", f"make sure a {DAEMON} of this version runs, then report it"),
+    "kill": ("", f"stop the running {DAEMON}"),
+    "hash": ("PATH...", f"print SHA-256 digests as sha256sum does, computed and cached by {DAEMON}"),
     "daemon": ("[--foreground]", None),
     "debug sleep": ("SECONDS", None),
     "debug crash": ("", None),
 }
 USAGE_LINE = f"{TOOL} [--isolation-dir NAME] COMMAND ..."
 
-EXIT_FAILED, EXIT_USAGE = 1, 2          # failure (one line on stderr); bad arguments
+EXIT_FAILED, EXIT_USAGE = 1, 2          # a failure, said in one line; bad arguments
 EXIT_ALREADY_RUNNING = 3                # `buck daemon`: another buckd holds buckd.pid
 EXIT_PANIC = 101                        # buckd's panic(), as rust's panic exits
 EXIT_INTERRUPTED = 130                  # Ctrl-C: 128 + SIGINT
 
 STATUS_TIMEOUT = 5.0    # for a buckd to answer Status; then it is not usable
 KILL_TIMEOUT = 2.0      # for the Kill call itself
-EXIT_TIMEOUT = 5.0      # for buckd to exit once told to (then SIGKILL), and again after SIGKILL
+EXIT_TIMEOUT = 5.0      # for buckd to exit once asked (then SIGKILL), and again after SIGKILL
 START_TIMEOUT = 30.0    # for `buck daemon` to report that buckd serves
 LOCK_TIMEOUT = 60.0     # for another client to finish starting or killing buckd
 LOCK_PATIENCE = 1.0     # after this long waiting for lifecycle.lock, say for whom
@@ -65,7 +59,8 @@ ATTEMPTS = 4            # restarts and resends before we give up on a fight over
 TAIL_LINES = 20         # of a dead buckd's stderr, quoted in the report
 
 HERE = os.path.dirname(os.path.realpath(__file__))
-grpc = pb = pb_grpc = None   # imported by load_grpc(), only by commands that talk to buckd
+grpc = pb = pb_grpc = None      # imported by load_grpc(), by the commands that talk to buckd
+_version = None
 
 
 class Fail(Exception):
@@ -99,15 +94,12 @@ def poll(condition, timeout, interval=POLL_INTERVAL):
     return True
 
 
-_version = None
-
-
 def version():
-    """This client's version: a checksum of SOURCES, so every edit is a new buck build.
-    (crc32: zlib imports in 0.1 ms, hashlib in 6.) Read once: our code does not change
-    under the process that runs it."""
+    """This code's version: a checksum of SOURCES, so every edit is a new buck build. Read
+    once: our code does not change under us. (zlib imports in 0.1 ms, hashlib in 6.)"""
     global _version
     if _version is None:
+        import zlib
         crc = 0
         for name in SOURCES:
             data = read_file(os.path.join(HERE, name))
@@ -119,15 +111,15 @@ def version():
 
 
 # --- The lifecycle log (README, "Watching the protocol"): with BUCK_LIFECYCLE_LOG=PATH every
-# client and buckd appends one JSON line per step of the doc that it takes; lifecycle.py
-# checks the three guarantees on it and draws it. With BUCK_LIFECYCLE_STOP_AT=STEP a process
-# stops itself (SIGSTOP) right after that step, for a test to act at that exact moment.
+# client and buckd appends a JSON line per step of the doc it takes, for lifecycle.py to check
+# and draw. With BUCK_LIFECYCLE_STOP_AT=STEP a process stops itself (SIGSTOP) right after that
+# step, for a test to act at that very moment.
 LOG_PATH, STOP_AT = os.environ.get(LOG_ENV), os.environ.get(STOP_AT_ENV)
 trace = {"role": "client", "dir": None, "fd": None}   # buckd.main sets role "daemon"
 
 
 def step(name, /, **fields):
-    """Record that this process has taken step `name` of the doc (if the log is on)."""
+    """Record that this process has taken step `name` of the doc."""
     if LOG_PATH:
         import json
         line = {"t": time.time(), "pid": os.getpid(), "role": trace["role"], "version": version(),
@@ -137,7 +129,7 @@ def step(name, /, **fields):
                 trace["fd"] = os.open(LOG_PATH, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             os.write(trace["fd"], json.dumps(line).encode() + b"\n")   # one write: lines never mix
         except OSError:
-            pass                    # the log is for watching: it never fails a command
+            pass                    # the log is there to watch: it never fails a command
     if name == STOP_AT:
         import signal
         os.kill(os.getpid(), signal.SIGSTOP)
@@ -162,9 +154,9 @@ def parse_info(raw):
     """buckd.info as a dict, or None if it is not a complete one (missing, corrupt, cut)."""
     import json
     try:
-        info = json.loads(raw)
-        if (type(info["pid"]) is int and type(info["port"]) is int
-                and isinstance(info["version"], str) and isinstance(info["auth_token"], str)):
+        info = json.loads(raw or b"")
+        if all(type(info[k]) is t for k, t in (("pid", int), ("port", int), ("version", str),
+                                                ("auth_token", str))):
             return info
     except (ValueError, TypeError, KeyError):
         pass
@@ -172,28 +164,27 @@ def parse_info(raw):
 
 
 def read_info(d):
-    return parse_info(read_file(os.path.join(d, INFO_FILE)) or b"")
+    return parse_info(read_file(os.path.join(d, INFO_FILE)))
 
 
-# Only a single buckd runs at a time: the one holding the lock on buckd.pid. buckd holds it
-# with a POSIX record lock, so that the kernel can tell us *which* process holds it (F_GETLK)
-# without our taking it. The file's text is for humans: it may be stale or rewritten.
+# "only a single daemon is allowed at a time": the one holding the lock on buckd.pid. buckd
+# holds it as a POSIX record lock, so that the kernel can tell which process holds it
+# (F_GETLK), without anyone taking it. The file's text is for humans: it can lie.
 
 def lock_holder(fd):
     """The pid holding a write lock on fd's file, or None. It asks; it takes nothing."""
+    import fcntl
     import struct
-    if sys.platform.startswith("linux"):   # struct flock: (type, whence, start, len, pid)
-        query = struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0)
-        kind, _, _, _, pid = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, query))
-    else:                                  # macOS, BSD: (start, len, pid, type, whence)
-        query = struct.pack("qqihh", 0, 0, 0, fcntl.F_WRLCK, 0)
-        _, _, pid, kind, _ = struct.unpack("qqihh", fcntl.fcntl(fd, fcntl.F_GETLK, query)[:24])
+    linux = sys.platform.startswith("linux")    # struct flock's layout differs on macOS, BSD
+    layout, query = ("hhqqi", (fcntl.F_WRLCK, 0, 0, 0, 0)) if linux else ("qqihh", (0, 0, 0, fcntl.F_WRLCK, 0))
+    answer = struct.unpack(layout, fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(layout, *query)))
+    kind, pid = (answer[0], answer[4]) if linux else (answer[3], answer[2])
     return None if kind == fcntl.F_UNLCK else pid
 
 
 def holder(d):
-    """The pid of the running buckd, as the kernel knows it, or None if no buckd runs. (0
-    would be a holder in another pid namespace: alive, but not ours to signal.)"""
+    """The pid of the running buckd as the kernel knows it, or None if none runs. (0 is a
+    holder in another pid namespace: alive, but not ours to signal.)"""
     try:
         fd = os.open(os.path.join(d, PID_FILE), os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -207,27 +198,27 @@ def holder(d):
 # --- "client connection and buckd startup"
 
 def load_grpc():
-    """Import grpc and the stubs (the bulk of a client's time): only commands that talk to
-    buckd pay for it. grpc stays quiet here; the user's GRPC_VERBOSITY goes on to buckd."""
+    """Import grpc and the stubs, beside us wherever we run from. grpc is quiet in the client;
+    the user's GRPC_VERBOSITY is what buckd gets."""
     global grpc, pb, pb_grpc
     if grpc is None:
         quiet = "GRPC_VERBOSITY" not in os.environ
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-        sys.path.insert(0, HERE)    # the stubs sit beside us, wherever we are run from
+        sys.path.insert(0, HERE)
         try:
             import grpc as grpc_module, daemon_pb2, daemon_pb2_grpc
         except ImportError as e:
             raise Fail(f"{e}: run `make setup`, then use .venv/bin/python (see README.md)")
         finally:
-            if quiet:               # grpc has read it: buckd gets the user's environment
+            if quiet:               # grpc has read it by now
                 del os.environ["GRPC_VERBOSITY"]
         grpc, pb, pb_grpc = grpc_module, daemon_pb2, daemon_pb2_grpc
     return grpc, pb, pb_grpc
 
 
 class Connection:
-    """A channel to the one buckd that a buckd.info names. Its auth token, sent with every
-    call, is also that buckd's identity: a buckd started later on the same port refuses it."""
+    """A channel to the one buckd that a buckd.info names. Its token, sent with every call,
+    is also that buckd's identity: a buckd started later on the same port refuses it."""
 
     def __init__(self, info):
         load_grpc()
@@ -244,9 +235,9 @@ class Connection:
         """Ask buckd to shut down. False if the call failed (wedged, or gone already)."""
         try:
             self.stub.Kill(pb.KillRequest(reason=reason), timeout=KILL_TIMEOUT, metadata=self.metadata)
-            return True
         except grpc.RpcError:
             return False
+        return True
 
     def command(self, requests):
         return self.stub.Command(requests, metadata=self.metadata)
@@ -257,8 +248,8 @@ def rpc_error(e):
 
 
 def connect(d, isolation):
-    """A Connection to a buckd of this client's version, and that buckd's Status: steps 1-3
-    of "client connection", (re)starting buckd when they fail, at most ATTEMPTS times."""
+    """A Connection to a buckd of this client's version, and its Status reply: steps 1-3 of
+    "client connection", and a (re)start when they fail, at most ATTEMPTS times."""
     for _ in range(ATTEMPTS):
         raw = read_file(os.path.join(d, INFO_FILE))     # 1. read buckd.info
         step("connect.1", found=raw is not None)
@@ -271,35 +262,31 @@ def connect(d, isolation):
 
 
 def check_version(raw):
-    """Steps 2-3: connect to the buckd named by `raw` (buckd.info) and send it Status.
-    Returns (connection, reply, None), or (None, None, why buckd must be (re)started)."""
-    if raw is None:
-        return None, None, f"starting {DAEMON}"
+    """Steps 2-3: connect to the buckd that `raw` (buckd.info) names, ask its Status. Returns
+    (connection, reply, None), or (None, None, why buckd must be (re)started)."""
     info = parse_info(raw)
     if info is None:
-        return None, None, f"{INFO_FILE} is corrupt: starting {DAEMON}"
+        return None, None, f"{INFO_FILE} is corrupt: starting {DAEMON}" if raw else f"starting {DAEMON}"
     conn = Connection(info)
     try:
         reply = conn.status()
     except grpc.RpcError as e:
         return None, None, f"{DAEMON} (pid {info['pid']}) is not usable ({rpc_error(e)}): restarting"
-    ok = reply.version == version()
-    step("connect.3", daemon_pid=reply.pid, daemon_version=reply.version, ok=ok)
-    if not ok:
-        return None, None, (f"{DAEMON} version mismatch (daemon {reply.version}, "
-                            f"client {version()}): restarting")
+    step("connect.3", daemon_pid=reply.pid, daemon_version=reply.version, ok=reply.version == version())
+    if reply.version != version():
+        return None, None, f"{DAEMON} version mismatch (daemon {reply.version}, client {version()}): restarting"
     return conn, reply, None
 
 
 def restart(d, isolation, seen, problem):
-    """"To start/restart the buckd process", steps 1-6. Unless, once we hold the lock,
-    buckd.info is no longer the one we `seen`: another client has just (re)started buckd,
-    and we go and use that one."""
-    with lifecycle_lock(d):                             # 1. (and 6. on leaving)
+    """"To start/restart the buckd process", steps 1-6; unless, once we hold the lock,
+    buckd.info is no longer what we have `seen`: another client has just (re)started buckd,
+    and we use that one."""
+    with lifecycle_lock(d):                             # 1. (6. on leaving)
         wait_if_starting(d)
         if read_file(os.path.join(d, INFO_FILE)) != seen:
             return
-        info = parse_info(seen or b"")
+        info = read_info(d)
         if info and holder(d) is None:                  # it died, leaving its files behind
             keep_logs(d)
             say(f"{DAEMON} crashed, see {crash_log(d, info['pid'])}")
@@ -310,21 +297,21 @@ def restart(d, isolation, seen, problem):
 
 
 def wait_if_starting(d):
-    """A buckd that holds buckd.pid but is not yet named by buckd.info is starting (if it
-    locked less than START_TIMEOUT ago, e.g. for a client that was interrupted): give it
-    time to serve rather than kill it."""
-    pid = holder(d)
+    """A buckd holding buckd.pid that buckd.info does not name yet, and that locked it less
+    than START_TIMEOUT ago, is starting (maybe for a client that was interrupted): wait for
+    it to serve, rather than kill it."""
+    pid, named = holder(d), lambda: (read_info(d) or {}).get("pid") == pid
     try:
         age = time.time() - os.stat(os.path.join(d, PID_FILE)).st_mtime
     except OSError:
         return
-    if pid and age < START_TIMEOUT and (read_info(d) or {}).get("pid") != pid:
-        poll(lambda: holder(d) != pid or (read_info(d) or {}).get("pid") == pid, START_TIMEOUT - age)
+    if pid and age < START_TIMEOUT and not named():
+        poll(lambda: holder(d) != pid or named(), START_TIMEOUT - age)
 
 
 def keep_logs(d):
-    """Move buckd.stdout and buckd.stderr into prev/: a dead buckd's logs outlive the start
-    of the next one (buckd does this when it starts; a client too, when it finds a crash)."""
+    """Move buckd.stdout and buckd.stderr into prev/, where they outlive the next start
+    (done by buckd as it starts, and by a client that finds buckd dead)."""
     os.makedirs(os.path.join(d, PREV_DIR), 0o700, exist_ok=True)
     for name in (STDOUT_FILE, STDERR_FILE):
         try:
@@ -334,53 +321,49 @@ def keep_logs(d):
 
 
 def crash_log(d, pid):
-    """The path of buckd `pid`'s stderr and its last lines: in the daemon dir, or in prev/
-    once a newer buckd has started (each buckd's log begins with its pid)."""
-    paths = [os.path.join(d, STDERR_FILE), os.path.join(d, PREV_DIR, STDERR_FILE)]
-    logs = [(path, read_file(path) or b"") for path in paths]
+    """Buckd `pid`'s stderr, found by the pid its first line names, and its last lines."""
+    logs = [(path, read_file(path) or b"") for path in
+            (os.path.join(d, STDERR_FILE), os.path.join(d, PREV_DIR, STDERR_FILE))]
     path, text = next(((p, t) for p, t in logs if f" pid {pid} ".encode() in t[:200]), logs[0])
     lines = text[-8192:].decode(errors="replace").splitlines()[-TAIL_LINES:]
     return path + "".join(f"\n  | {line}" for line in lines)
 
 
 # "When the client is killing or starting the buckd process, it will grab an exclusive lock
-# on the "lifecycle.lock" file in the daemon directory."
-def lifecycle_lock(d):
-    """A context in which this client holds lifecycle.lock: a flock, which the kernel releases
-    when its holder exits, however it dies. A client kept waiting says for whom: the holder
-    writes its pid and command line into the file."""
-    import contextlib
+# on the "lifecycle.lock" file in the daemon directory"
+class lifecycle_lock:
+    """Held while this client kills or starts buckd: a flock, which the kernel releases when
+    its holder exits, however it dies. A waiting client says for whom: the holder writes its
+    pid and command line into the file."""
 
-    @contextlib.contextmanager
-    def held():
-        os.makedirs(d, 0o700, exist_ok=True)
-        fd = os.open(os.path.join(d, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def __init__(self, d):
+        self.d = d
+
+    def __enter__(self):
+        os.makedirs(self.d, 0o700, exist_ok=True)
+        self.fd = os.open(os.path.join(self.d, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if not poll(self.take, LOCK_PATIENCE):
+            whom = one_line(os.pread(self.fd, 200, 0))
+            say(f"waiting for another {TOOL} client to finish starting or killing {DAEMON}: {whom}")
+            if not poll(self.take, LOCK_TIMEOUT):
+                os.close(self.fd)
+                raise Fail(f"timed out after {LOCK_TIMEOUT:.0f} s waiting for {LOCK_FILE} "
+                           f"(held by: {whom})")
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()}: {' '.join(sys.argv)}\n".encode(), 0)
+        step("restart.1")
+
+    def take(self):
+        import fcntl
         try:
-            locked = lambda: try_flock(fd)
-            if not poll(locked, LOCK_PATIENCE):
-                whom = one_line(os.pread(fd, 200, 0))
-                say(f"waiting for another {TOOL} client to finish starting or killing {DAEMON}: {whom}")
-                if not poll(locked, LOCK_TIMEOUT):
-                    raise Fail(f"timed out after {LOCK_TIMEOUT:.0f} s waiting for {LOCK_FILE} "
-                               f"(held by: {whom})")
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)}\n".encode(), 0)
-            step("restart.1")
-            try:
-                yield
-            finally:
-                step("restart.6")
-        finally:
-            os.close(fd)            # closing our only fd of it releases the flock
-    return held()
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
 
-
-def try_flock(fd):
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
+    def __exit__(self, *exception):
+        step("restart.6")
+        os.close(self.fd)           # our only fd of it: closing it releases the flock
 
 
 def one_line(raw):
@@ -391,8 +374,8 @@ def one_line(raw):
 
 def kill_daemon(d, reason):
     """Steps 2-3 of "start/restart": send buckd a kill, then make sure, by pid, that it has
-    exited: SIGTERM if the call fails, SIGKILL as the last resort. "Gone" means that the
-    lock on buckd.pid is no longer held by that pid. Returns that pid, or None."""
+    exited: SIGTERM if the call fails, SIGKILL as the last resort. Gone means that pid no
+    longer holds buckd.pid's lock. Returns the pid, or None if no buckd ran."""
     import signal
     pid = holder(d)
     step("restart.2", daemon_pid=pid)
@@ -400,7 +383,7 @@ def kill_daemon(d, reason):
         return None
     info, how = read_info(d), "rpc"
     if not (info and info["pid"] == pid and Connection(info).kill(reason)):
-        how = "sigterm"             # the same request, as a signal (buckd exits cleanly)
+        how = "sigterm"             # the same request, as a signal: buckd exits cleanly
         signal_buckd(d, pid, signal.SIGTERM)
     gone = lambda: holder(d) != pid
     if not poll(gone, EXIT_TIMEOUT):
@@ -413,8 +396,8 @@ def kill_daemon(d, reason):
 
 
 def signal_buckd(d, pid, sig):
-    """Signal pid only if the kernel says it holds the lock on buckd.pid: never a process
-    that a stale or forged buckd.pid names, never 0 or 1 (a process group, init), never us."""
+    """Signal pid only if the kernel says it holds buckd.pid's lock: never a process that a
+    stale or forged buckd.pid names, never 0 or 1 (a process group, init), never us."""
     if pid > 1 and pid != os.getpid() and holder(d) == pid:
         try:
             os.kill(pid, sig)
@@ -425,10 +408,9 @@ def signal_buckd(d, pid, sig):
 def start_daemon(d, isolation):
     """Steps 4-5 of "start/restart": run `buck daemon`, which exits once buckd serves."""
     import subprocess
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, os.path.basename(__file__)),
-                             "--isolation-dir", isolation, "daemon"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, os.path.realpath(__file__), "--isolation-dir",
+                             isolation, "daemon"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     load_grpc()                     # our own grpc import overlaps the daemon's start
     try:
         _, err = proc.communicate(timeout=START_TIMEOUT)
@@ -443,30 +425,27 @@ def start_daemon(d, isolation):
     elif proc.returncode > 0 and proc.returncode != EXIT_ALREADY_RUNNING:
         why = (err.decode(errors="replace").strip().splitlines() or ["no reason given"])[-1]
         raise Fail(f"{DAEMON} failed to start: {why.removeprefix(f'{TOOL}: ')}")
-    # Exit 3: a buckd started behind our back (by hand, or for a client that was interrupted);
-    # killed by a signal: buckd may be up or not. Either way the connect loop sees to it.
+    # Else a buckd was started behind our back (exit 3), or `buck daemon` was killed: buckd
+    # may be up or not. Either way the connect loop sees to it.
 
 
 # --- Commands
 
 def cmd_status(d, isolation, operands, options):
     """Report the running buckd, whatever its version; never start one."""
-    info = read_info(d)
+    info, pid = read_info(d), holder(d)
+    if info is None and pid is None:
+        print(f"no {DAEMON} running")
+        return 0
     if info is None:
-        pid = holder(d)
-        if pid is None:
-            print(f"no {DAEMON} running")
-            return 0
         raise Fail(f"{DAEMON} (pid {pid}) runs, but {INFO_FILE} does not name it (starting?)")
     conn = Connection(info)
     try:
-        reply = conn.status()
+        print_status(conn.status(), "json" in options)
     except grpc.RpcError as e:
-        if e.code() == grpc.StatusCode.UNAVAILABLE and holder(d) is None:
-            print(f"no {DAEMON} running")   # a stale buckd.info: its daemon is gone
-            return 0
-        raise Fail(f"{DAEMON} (pid {info['pid']}) is not responding: {rpc_error(e)}")
-    print_status(reply, "json" in options)
+        if e.code() != grpc.StatusCode.UNAVAILABLE or pid is not None:
+            raise Fail(f"{DAEMON} (pid {info['pid']}) is not responding: {rpc_error(e)}")
+        print(f"no {DAEMON} running")   # a stale buckd.info: its daemon is gone
     return 0
 
 
@@ -486,7 +465,7 @@ def print_status(reply, as_json):
 
 
 def cmd_kill(d, isolation, operands, options):
-    """`buck kill`: the doc's kill, steps 1-3 and 6 of "start/restart"."""
+    """`buck kill`: steps 1-3 and 6 of "start/restart"."""
     with lifecycle_lock(d):
         pid = kill_daemon(d, f"`{TOOL} kill` was invoked by pid {os.getpid()}")
     print(f"{DAEMON} killed (pid {pid})" if pid is not None else f"no {DAEMON} running")
@@ -495,8 +474,8 @@ def cmd_kill(d, isolation, operands, options):
 
 def run_command(d, isolation, name, operands, options):
     """A command that runs in buckd ("most work is done by the daemon process"), sent on the
-    very connection whose version was checked; its output is streamed as it comes. Until
-    buckd accepts it we may reconnect and resend; after that, never."""
+    very connection whose version was checked; its output streamed as it comes. Until buckd
+    accepts it we may reconnect and resend; after that, never."""
     import threading
     load_grpc()
     request = pb.CommandRequest(name=name, args=[os.fsencode(a) for a in operands],
@@ -511,9 +490,10 @@ def run_command(d, isolation, name, operands, options):
                 break
         except grpc.RpcError as e:
             stream.cancel()         # buckd went away before it accepted: it ran nothing
-            if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
-                raise Fail(f"{DAEMON} refused the command: {e.details()}",
-                           EXIT_USAGE if e.code() == grpc.StatusCode.INVALID_ARGUMENT else EXIT_FAILED)
+            refused = {grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_FAILED}.get(e.code())
+            if refused:
+                raise Fail(f"{DAEMON} refused the command: {e.details()}", refused)
     else:
         raise Fail(f"{DAEMON} did not accept the command")
     step("command", daemon_pid=conn.pid, name=name)
@@ -538,8 +518,8 @@ def run_command(d, isolation, name, operands, options):
 
 
 def handshake(request, accepted):
-    """The client's side of a Command stream: the command, then, once buckd has accepted
-    it, the empty go-ahead that lets buckd run it (daemon.proto)."""
+    """Our side of a Command stream (daemon.proto): the command, then, once buckd has
+    accepted it, the empty go-ahead that lets buckd run it."""
     yield request
     accepted.wait()
     yield pb.CommandRequest()
@@ -548,11 +528,11 @@ def handshake(request, accepted):
 # --- The command line
 
 class Usage(Exception):
-    """An argument error: one line on stderr with the command's usage, exit 2."""
+    """An argument error: one line on stderr with the usage, exit 2."""
 
 
 def parse(argv):
-    """argv -> (isolation dir, command, operands, options), as COMMANDS says. Options are
+    """argv -> (isolation dir, command, operands, options) as COMMANDS says; options are
     {name: value}, "" for a flag."""
     isolation, argv = DEFAULT_ISOLATION, list(argv)
     while argv and argv[0].split("=")[0] == "--isolation-dir":
@@ -562,36 +542,34 @@ def parse(argv):
             raise Usage(f"bad --isolation-dir {isolation!r}: a name, not a path (usage: {USAGE_LINE})")
     name = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else " ".join(argv[:1])
     if name not in COMMANDS:
-        raise Usage(f"{f'unknown command {name!r}' if name else 'no command'} (usage: {USAGE_LINE}; "
-                    f"see `{TOOL} help`)")
-    spec, full = COMMANDS[name][0].split(), f"(usage: {TOOL} {name} {COMMANDS[name][0]})".replace(" )", ")")
+        raise Usage(f"{f'unknown command {name!r}' if name else 'no command'} "
+                    f"(usage: {USAGE_LINE}; see `{TOOL} help`)")
+    spec = COMMANDS[name][0].split()
+    usage = f"(usage: {' '.join([TOOL, name, *spec])})"
     takes = {w.strip("[]").split("=")[0]: "=" in w for w in spec if w.startswith("[--")}
     slots = [w for w in spec if not w.startswith("[--")]
     words, operands, options = iter(argv[len(name.split()):]), [], {}
     for word in words:
+        key, has_value, value = word.partition("=")
         if word == "--":
             operands += words
-        elif word.startswith("--"):
-            key, has_value, value = word.partition("=")
-            if key not in takes or has_value and not takes[key]:
-                raise Usage(f"{name}: unknown option {word!r} {full}")
-            if takes[key] and not has_value:
-                value = next(words, None)
-                if value is None:
-                    raise Usage(f"{name}: {key} needs a value {full}")
-            options[key[2:]] = value
-        else:
+        elif not word.startswith("--"):
             operands.append(word)
+        elif key not in takes or has_value and not takes[key]:
+            raise Usage(f"{name}: unknown option {word!r} {usage}")
+        elif takes[key] and not has_value and (value := next(words, None)) is None:
+            raise Usage(f"{name}: {key} needs a value {usage}")
+        else:
+            options[key[2:]] = value
     least = sum(not w.startswith("[") for w in slots)
     most = float("inf") if any(w.rstrip("]").endswith("...") for w in slots) else len(slots)
     if not least <= len(operands) <= most:
-        raise Usage(f"{name}: {'missing' if len(operands) < least else 'extra'} operand(s) {full}")
+        raise Usage(f"{name}: {'missing' if len(operands) < least else 'extra'} operand(s) {usage}")
     return isolation, name, operands, options
 
 
 def usage():
-    commands = "".join(f"  {f'{name} {args}':<17}{text}\n"
-                       for name, (args, text) in COMMANDS.items() if text)
+    commands = "".join(f"  {f'{name} {args}':<17}{text}\n" for name, (args, text) in COMMANDS.items() if text)
     return (f"usage: {USAGE_LINE}\n\ncommands:\n{commands}\noptions:\n  --isolation-dir NAME  "
             f"use a separate {DAEMON} (default {DEFAULT_ISOLATION}), with its own daemon dir\n")
 
@@ -606,23 +584,18 @@ def main(argv):
         if name == "version":
             print(f"{TOOL} {version()}")
             return 0
-        d = daemon_dir(isolation)
-        trace["dir"] = d
+        d = trace["dir"] = daemon_dir(isolation)
         if name == "daemon":
             import buckd
             return buckd.main(d, "foreground" in options)
         import signal
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `buck hash | head` ends quietly
-        local = LOCAL_COMMANDS.get(name)
-        if local:
-            return local(d, isolation, operands, options)
+        if name in LOCAL_COMMANDS:
+            return LOCAL_COMMANDS[name](d, isolation, operands, options)
         return run_command(d, isolation, name, operands, options)
-    except Usage as e:
+    except (Usage, Fail) as e:
         say(e)
-        return EXIT_USAGE
-    except Fail as e:
-        say(e)
-        return e.code
+        return getattr(e, "code", EXIT_USAGE)
     except OSError as e:
         say(f"{e.filename}: {e.strerror}" if e.filename else e)
     except KeyboardInterrupt:

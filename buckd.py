@@ -1,15 +1,13 @@
 """buckd: the buck daemon ("daemon process flow" in buck2's daemon_lifecycle.md).
 
 `buck daemon` calls main(): it daemonizes, locks buckd.pid, serves the DaemonApi on
-loopback, writes buckd.info, and only then does the `buck daemon` process exit 0. buckd
-then serves until one of the doc's three ways to shut down: the Kill call, its files no
-longer naming it (checked every BUCKD_CHECK_INTERVAL seconds), or a panic (a bug of its
-own); and two more: SIGTERM or SIGINT, and no client for BUCKD_IDLE_TIMEOUT seconds.
+loopback and writes buckd.info; only then does `buck daemon` exit 0. buckd serves until one
+of the doc's three ways to shut down (the Kill call; its files no longer naming it; a panic,
+a bug of its own), or a signal (SIGTERM, SIGINT), or BUCKD_IDLE_TIMEOUT without a client.
 
-Commands run here. Each is a generator in HANDLERS, named as in buck.COMMANDS: it gets
-the request (operands as bytes, options, the client's cwd) and an Event set when it must
-stop; it yields output events and returns the exit code, or None if it was stopped.
-Adding a command = its line in buck.COMMANDS + its handler here.
+Commands run here, each a generator in HANDLERS named as in buck.COMMANDS: it gets the
+request (operands as bytes, options, the client's cwd) and an Event set when it must stop;
+it yields output events and returns its exit code, or None if it was stopped.
 """
 import fcntl
 import hashlib
@@ -19,53 +17,51 @@ import os
 import select
 import signal
 import stat
+import struct
 import sys
 import threading
 import time
 import traceback
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import buck
 from buck import DAEMON, INFO_FILE, PID_FILE, STDERR_FILE, STDOUT_FILE, TOOL, step
 
-CHECK_INTERVAL = 100.0      # "every 100s or so"; BUCKD_CHECK_INTERVAL overrides it
-IDLE_TIMEOUT = 3 * 3600.0   # as Bazel's --max_idle_secs; BUCKD_IDLE_TIMEOUT overrides, 0: never
+CHECK_INTERVAL = 100.0      # "every 100s or so" (BUCKD_CHECK_INTERVAL)
+IDLE_TIMEOUT = 3 * 3600.0   # as Bazel's --max_idle_secs (BUCKD_IDLE_TIMEOUT; 0: never)
 MAX_SECONDS = 1e7           # the longest interval or timeout we accept (115 days)
 GRACE = 2.0                 # seconds running commands get, at shutdown, to say why they end
 MAX_COMMANDS = 256          # commands running at once; one more is refused: buckd is busy
-SPARE_THREADS = 16          # server threads beyond those, so Status and Kill never queue
+SPARE_THREADS = 16          # server threads beyond those: Status and Kill never queue
 RACY_NS = 20_000_000        # a file changed this close to its hashing may change unseen...
 COARSE_RACY_NS = 2_000_000_000  # ...or this close, where timestamps are whole seconds
 CACHE_LIMIT = 1_000_000     # digests kept; past that the cache starts afresh
-WINDOW = 256                # files being hashed ahead of the one `buck hash` prints next
-BIG_FILE = 1 << 20          # files this big are hashed in the pool, on every core
 READ_SIZE = 1 << 20         # bytes per read when hashing
 CHUNK = 64 * 1024           # bytes of output per stream message
+STAMP = struct.Struct("qqq")    # size, mtime_ns, ctime_ns: while unchanged, so is the digest
 grpc = pb = None            # imported after daemonizing: grpc must not cross a fork
 
 
 def main(d, foreground=False):
-    """`buck daemon`: start buckd for daemon dir `d`. Returns `buck daemon`'s exit code:
-    0 once buckd serves; 3 if another buckd holds buckd.pid; 2 for a bad setting; else 1,
-    with the reason on stderr. In the foreground, buckd runs here until it shuts down."""
+    """`buck daemon`: start buckd for daemon dir `d`. Returns `buck daemon`'s exit code: 0
+    once buckd serves, 3 if another buckd holds buckd.pid, 2 for a bad setting, else 1 (the
+    reason on stderr). In the foreground, buckd runs here until it shuts down."""
     interval = seconds(buck.CHECK_INTERVAL_ENV, CHECK_INTERVAL)
     idle = seconds(buck.IDLE_TIMEOUT_ENV, IDLE_TIMEOUT, zero_means_never=True)
     buck.trace["role"] = "daemon"
     os.makedirs(d, 0o700, exist_ok=True)
     if foreground:
         return run(d, interval, idle, ready=None)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # a Ctrl-C meant for the client that
-    read_end, write_end = os.pipe()                 # runs us must not stop the buckd we start
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # a Ctrl-C meant for our client must not
+    read_end, write_end = os.pipe()                 # stop the buckd it starts
     child = os.fork()
-    if child:                       # the `buck daemon` process: wait for buckd's word
+    if child:                       # `buck daemon`: wait for buckd's word
         os.close(write_end)
         os.waitpid(child, 0)        # the intermediate process exits at once
         with os.fdopen(read_end, "rb") as pipe:
             word = pipe.read().decode(errors="replace")   # "CODE message", or "" if buckd died
-        code, _, message = word.partition(" ")
-        if not word:
-            code, message = 1, f"{DAEMON} exited during startup, see {os.path.join(d, STDERR_FILE)}"
+        code, _, message = word.partition(" ") if word else (
+            buck.EXIT_FAILED, "", f"{DAEMON} exited during startup, see {os.path.join(d, STDERR_FILE)}")
         if message:
             print(message, file=sys.stderr)
         return int(code)
@@ -75,21 +71,18 @@ def main(d, foreground=False):
 
 
 def seconds(name, default, zero_means_never=False):
-    """A duration in seconds from the environment, checked: a bad one is a clear error,
-    never a busy loop (0, negative, nan) nor an overflow (inf)."""
+    """A duration from the environment; a bad one is a clear error, never a busy loop (0,
+    negative, nan) or an overflow (inf)."""
     text = os.environ.get(name)
-    if text is None:
-        return default
     try:
-        value = float(text)
+        value = default if text is None else float(text)
     except ValueError:
         value = float("nan")
     if zero_means_never and value == 0:
         return None
     if not 0.01 <= value <= MAX_SECONDS:
-        never = " (0: never)" if zero_means_never else ""
-        raise buck.Fail(f"{name} must be seconds from 0.01 to {MAX_SECONDS:g}{never}, not {text!r}",
-                        buck.EXIT_USAGE)
+        raise buck.Fail(f"{name} must be seconds from 0.01 to {MAX_SECONDS:g}"
+                        f"{' (0: never)' * zero_means_never}, not {text!r}", buck.EXIT_USAGE)
     return value
 
 
@@ -103,8 +96,8 @@ def daemonize():
 
 
 def run(d, interval, idle, ready):
-    """buckd, from start to exit: the doc's start-up, serving until one of the ways to shut
-    down, then the shutdown. Returns the exit code."""
+    """buckd from start to exit: the doc's startup, serving until a way to shut down comes,
+    the shutdown. Returns the exit code."""
     wake = watch_signals()
     try:
         pid_fd = lock_pid_file(d)
@@ -118,7 +111,7 @@ def run(d, interval, idle, ready):
             redirect_stdio(d)
         log(f"{DAEMON} pid {os.getpid()} version {buck.version()} starting in {d}")
         threading.excepthook = lambda hook: panic(hook.exc_value)
-        server, api = start_server(d, wake)
+        server, api = start_server(d, wake[1])
         info = json.dumps({"pid": os.getpid(), "port": api.port, "version": api.version,
                            "auth_token": api.token, "start_time": api.start_time}).encode()
         info_ino = write_atomically(os.path.join(d, INFO_FILE), info)
@@ -132,7 +125,7 @@ def run(d, interval, idle, ready):
     step("daemon.serving", port=api.port)
     log(f"serving on 127.0.0.1:{api.port}")
     tell(ready, 0, "")
-    reason, path = serve(api, d, pid_fd, info, wake, interval, idle)
+    reason, path = serve(api, d, pid_fd, info, wake[0], interval, idle)
     api.shutdown(reason)
     step("daemon.shutdown", reason=reason, path=path)
     log(f"shutting down ({path}): {reason}")
@@ -143,14 +136,13 @@ def run(d, interval, idle, ready):
 
 
 def watch_signals():
-    """SIGTERM and SIGINT ask buckd to shut down. Their handlers do nothing: the C-level
-    handler writes the signal's number to a pipe that serve() waits on (a Python handler
-    runs between the main thread's bytecodes, maybe while it holds a lock: it takes none).
-    The Kill call writes to the same pipe. Returns the pipe (read end, write end)."""
+    """SIGTERM and SIGINT ask buckd to shut down. Their handlers do nothing: Python's C-level
+    handler writes the signal's number to a pipe that serve() waits on. (A Python handler runs
+    between bytecodes of the main thread, maybe while it holds a lock: it must take none.)
+    The Kill call writes to that pipe too. Returns it: (read end, write end)."""
     wake = os.pipe()
     for fd in wake:
         os.set_blocking(fd, False)
-        os.set_inheritable(fd, False)
     signal.set_wakeup_fd(wake[1])
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
@@ -161,19 +153,19 @@ class AlreadyRunning(Exception):
     """Another buckd holds buckd.pid: "only a single daemon is allowed at a time"."""
 
 
-# "write its pid to a locked file "buckd.pid" ... The file is locked exclusively by the
-# daemon process until it exits."
+# "write its pid to a locked file "buckd.pid" ... locked exclusively by the daemon process
+# until it exits"
 def lock_pid_file(d):
-    """Lock buckd.pid, then write our pid into it: truncate only once locked, never clobber
-    the pid of the buckd that holds it. A POSIX record lock (not flock), so that clients can
-    ask the kernel who holds it (buck.holder). Such a lock is dropped when its holder closes
-    *any* fd of the file: buckd never opens buckd.pid again; it reads it through this fd."""
+    """Lock buckd.pid, then write our pid in it (truncate only once locked: never clobber the
+    holder's pid). A POSIX record lock, not flock, so that clients can ask the kernel who
+    holds it (buck.holder). Such a lock is dropped when its holder closes *any* fd of the
+    file: buckd never opens buckd.pid again, it reads it through this fd."""
     fd = os.open(os.path.join(d, PID_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except (BlockingIOError, PermissionError):
         pid = buck.lock_holder(fd)
-        os.close(fd)                # we hold no lock on it: closing drops nothing
+        os.close(fd)                # we hold no lock on it: closing it drops nothing
         raise AlreadyRunning(f"{DAEMON} is already running for {d} (pid {pid})") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -182,7 +174,7 @@ def lock_pid_file(d):
 
 def redirect_stdio(d):
     """"It redirects its stdout and stderr to files in the daemon directory"; the previous
-    buckd's two files move to prev/, where a report of how it ended can still find them."""
+    buckd's move to prev/, where a report of how it ended can find them."""
     buck.keep_logs(d)
     for fd, path, flags in ((0, os.devnull, os.O_RDONLY),
                             (1, os.path.join(d, STDOUT_FILE), os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
@@ -193,8 +185,8 @@ def redirect_stdio(d):
 
 
 def tell(ready, code, message):
-    """Give the waiting `buck daemon` its exit code and message; returns the code. If it is
-    gone (its client was interrupted), buckd carries on: the next client will use it."""
+    """Give `buck daemon` its exit code and message; return the code. If it is gone (its
+    client was interrupted), buckd carries on: the next client will use it."""
     if ready is None:
         print(message or f"{DAEMON} is serving", file=sys.stderr)
         return code
@@ -207,7 +199,7 @@ def tell(ready, code, message):
 
 
 def write_atomically(path, data):
-    """Write a whole file under its final name at once. Returns its inode."""
+    """Write a whole file under its final name at once; return its inode."""
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
@@ -220,12 +212,12 @@ def write_atomically(path, data):
 
 
 def remove_info_if_ours(d, pid_fd, info_ino):
-    """On a clean exit, remove buckd.info if it is still the file we wrote and buckd.pid
-    still the one we hold: never the files of a newer buckd."""
+    """Remove buckd.info if it is the one we wrote and buckd.pid the one we hold: never the
+    files of a newer buckd (ours may have been replaced)."""
     try:
-        pid_path, info_path = os.path.join(d, PID_FILE), os.path.join(d, INFO_FILE)
-        if os.stat(pid_path).st_ino == os.fstat(pid_fd).st_ino and os.stat(info_path).st_ino == info_ino:
-            os.unlink(info_path)
+        if (os.stat(os.path.join(d, PID_FILE)).st_ino == os.fstat(pid_fd).st_ino
+                and os.stat(os.path.join(d, INFO_FILE)).st_ino == info_ino):
+            os.unlink(os.path.join(d, INFO_FILE))
     except OSError:
         pass
 
@@ -236,9 +228,9 @@ def log(message):
 
 def panic(error):
     """Shutdown path 3, the doc's rust `panic()`: a bug in buckd. Its traceback goes to
-    buckd.stderr and buckd exits at once: a daemon in an unknown state must not serve.
-    (A bad request is no panic: it ends its own call, see DaemonApi.Command.)"""
-    traceback.print_exception(type(error), error, error.__traceback__)
+    buckd.stderr and buckd exits at once: a daemon in an unknown state must not serve. (A
+    bad request is no panic: it ends its own call, see DaemonApi.Command.)"""
+    traceback.print_exception(error)
     step("daemon.shutdown", reason=f"panic: {error!r}", path="panic")
     step("daemon.exit")
     sys.stderr.flush()
@@ -247,20 +239,18 @@ def panic(error):
 
 # "There are 3 ways that the buckd process will shutdown"
 def serve(api, d, pid_fd, info, wake, interval, idle):
-    """Wait until buckd must shut down; return why, and which way: "kill" (1. the Kill
-    call), "self-check" (2. its files no longer name it), "signal", or "idle". (3. a panic
-    exits from wherever it happens.)"""
+    """Wait until buckd must shut down; return why, and which way: "kill" (1. the Kill call),
+    "self-check" (2. its files no longer name it), "signal", or "idle". (3. A panic exits
+    from wherever it happens.)"""
     next_check = time.monotonic() + interval
     while True:
         idle_at = api.last_used + idle if idle and not api.active else float("inf")
-        timeout = max(0.0, min(next_check, idle_at) - time.monotonic())
-        if select.select([wake[0]], [], [], timeout)[0]:
-            woken_by = os.read(wake[0], 512)
+        if select.select([wake], [], [], max(0, min(next_check, idle_at) - time.monotonic()))[0]:
+            signals = [s for s in os.read(wake, 512) if s]     # 0 is the Kill call's byte
             if api.reason:
                 return api.reason, "kill"
-            sig = next((s for s in woken_by if s), None)
-            if sig:
-                return f"{DAEMON} received {signal.Signals(sig).name}", "signal"
+            if signals:
+                return f"{DAEMON} received {signal.Signals(signals[0]).name}", "signal"
         now = time.monotonic()
         if now >= next_check:
             reason = check_files_still_ours(d, pid_fd, info)
@@ -289,12 +279,12 @@ def check_files_still_ours(d, pid_fd, info):
 
 
 def start_server(d, wake):
-    """The DaemonApi gRPC server on 127.0.0.1, port chosen by the kernel. A thread per
-    running command (at most MAX_COMMANDS), and spare ones: Status and Kill never queue."""
+    """The DaemonApi gRPC server on 127.0.0.1, port chosen by the kernel: a thread for each
+    running command (MAX_COMMANDS at most), and spares, so that Status and Kill never queue."""
     global grpc, pb
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     grpc, pb, pb_grpc = buck.load_grpc()
-    api = DaemonApi(d, buck.version(), wake[1])
+    api = DaemonApi(d, buck.version(), wake)
     server = grpc.server(ThreadPoolExecutor(MAX_COMMANDS + SPARE_THREADS),
                          interceptors=[require_token(api.token)], options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_DaemonApiServicer_to_server(api, server)
@@ -311,33 +301,30 @@ def require_token(token):
     class RequireToken(grpc.ServerInterceptor):
         def intercept_service(self, continuation, details):
             given = dict(details.invocation_metadata).get(buck.TOKEN_KEY, "")
-            ok = hmac.compare_digest(given.encode(), token.encode())
-            return continuation(details) if ok else deny
+            return continuation(details) if hmac.compare_digest(given.encode(), token.encode()) else deny
     return RequireToken()
 
 
 class Invalid(Exception):
-    """A command's arguments are wrong: its client gets the message and exit code 2."""
+    """A command's arguments are wrong: its client gets the message, and exit code 2."""
 
 
 class DaemonApi:
     """The servicer (Status, Kill, Command) and what commands share: the digest cache.
 
-    Status and Kill answer at once, whatever runs. `lock` guards `active`, `reason` and the
-    cache's growth; it is never taken in a signal handler (buckd's do nothing, see
-    watch_signals). Plain reads of a counter or of `last_used` take no lock."""
+    Status and Kill answer at once, whatever runs. `lock` guards `active` and `reason`, and
+    writes to the cache; it is never taken in a signal handler (see watch_signals). Reads of
+    a counter or of `last_used`, and cache lookups, take no lock."""
 
     def __init__(self, d, version, wake):
         self.dir, self.version, self.wake, self.port = d, version, wake, 0
         self.token = os.urandom(16).hex()
-        self.start_time = time.time()
-        self.last_used = time.monotonic()   # when a client last called (for the idle timeout)
+        self.start_time, self.last_used = time.time(), time.monotonic()  # last: for idleness
         self.lock = threading.Lock()
-        self.active = set()             # an Event per running command, set to stop it
-        self.reason = None              # why buckd is shutting down
-        self.digests = {}               # (dev, ino) -> (size, mtime_ns, ctime_ns, hex digest)
+        self.active = set()         # an Event per running command, set to stop it
+        self.reason = None          # why buckd is shutting down
+        self.digests = {}           # dev << 64 | ino -> STAMP + hex digest
         self.files_read = 0
-        self.pool = ThreadPoolExecutor(os.cpu_count() or 2)
 
     def Status(self, request, context):
         self.last_used = time.monotonic()
@@ -363,12 +350,12 @@ class DaemonApi:
         try:
             os.write(self.wake, b"\0")
         except BlockingIOError:
-            pass                    # the pipe is full: serve() is being woken anyway
+            pass                    # the pipe is full: serve() wakes anyway
 
     def Command(self, requests, context):
         """One command, by daemon.proto's handshake: the request, `accepted`, the client's
-        go-ahead, then the handler's output and its exit code. A malformed request ends its
-        own call (INVALID_ARGUMENT); past MAX_COMMANDS, RESOURCE_EXHAUSTED. Only a bug of
+        go-ahead, then the handler's output and exit code. A malformed request ends its own
+        call (INVALID_ARGUMENT); past MAX_COMMANDS, RESOURCE_EXHAUSTED. Only a bug of
         buckd's own is a panic."""
         try:
             request = next(requests, None)
@@ -386,8 +373,8 @@ class DaemonApi:
                 if self.reason:
                     stop.set()
         if busy:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{DAEMON} is busy: {MAX_COMMANDS} commands are running")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{DAEMON} is busy: {MAX_COMMANDS} "
+                          "commands are running")
         if not context.add_callback(stop.set):      # the call ends: the client went away
             stop.set()
         try:
@@ -401,7 +388,7 @@ class DaemonApi:
                 code = buck.EXIT_USAGE
             if code is not None:                    # it ran to its end
                 yield pb.CommandEvent(exit_code=code)
-            elif self.reason:                       # stopped by the shutdown
+            elif self.reason:                       # it was stopped by the shutdown
                 yield pb.CommandEvent(shutdown=self.reason)
         except grpc.RpcError:
             return                  # the client went away during the handshake
@@ -412,19 +399,15 @@ class DaemonApi:
                 self.active.discard(stop)
                 self.last_used = time.monotonic()
 
-    def cached(self, st):
-        """The cached hex digest of the file `st` describes, or None."""
-        entry = self.digests.get((st.st_dev, st.st_ino))
-        if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns and entry[2] == st.st_ctime_ns:
-            return entry[3]
-        return None
-
-    def read_and_hash(self, path, st, stop):
-        """A file's hex digest, read now, and cached unless the file is "racy" (changed so
-        recently that a change right after our read could keep its size and timestamps).
-        None if stopped midway."""
-        started = time.time_ns()
-        sha = hashlib.sha256()
+    def digest(self, path, st, stop):
+        """A file's hex digest: cached while its size and times are unchanged, else read.
+        Cached unless "racy": changed so recently that a change right after our read could
+        keep its size and times. None if stopped midway; OSError if unreadable."""
+        key, stamp = st.st_dev << 64 | st.st_ino, STAMP.pack(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        entry = self.digests.get(key)
+        if entry and entry.startswith(stamp):
+            return entry[STAMP.size:]
+        started, sha = time.time_ns(), hashlib.sha256()
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)   # never hang on a FIFO
         try:
             while chunk := os.read(fd, READ_SIZE):
@@ -433,15 +416,14 @@ class DaemonApi:
                 sha.update(chunk)
         finally:
             os.close(fd)
-        digest = sha.hexdigest().encode()
-        newest = max(st.st_mtime_ns, st.st_ctime_ns)
+        digest, newest = sha.hexdigest().encode(), max(st.st_mtime_ns, st.st_ctime_ns)
         racy = COARSE_RACY_NS if newest % 1_000_000_000 == 0 else RACY_NS
         with self.lock:
             self.files_read += 1
             if newest < started - racy:
                 if len(self.digests) >= CACHE_LIMIT:
                     self.digests = {}
-                self.digests[st.st_dev, st.st_ino] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
+                self.digests[key] = stamp + digest
         return digest
 
 
@@ -459,8 +441,7 @@ def malformed(request):
 def expect(request, least, most, options=()):
     """Check a command's operand count and options, or raise Invalid."""
     if not least <= len(request.args) <= most:
-        raise Invalid(f"expected {least}{'' if most == least else '+' if most > 1e9 else f'-{most}'} "
-                      f"operand(s), got {len(request.args)}")
+        raise Invalid(f"{'missing' if len(request.args) < least else 'extra'} operand(s)")
     unknown = set(request.options) - set(options)
     if unknown:
         raise Invalid(f"unknown option(s): {', '.join(sorted(unknown))}")
@@ -469,98 +450,74 @@ def expect(request, least, most, options=()):
 # --- Commands
 
 def cmd_hash(api, request, stop):
-    """`buck hash PATH...`: exactly sha256sum's output; a directory stands for the regular
-    files below it, sorted. Big files are hashed in the pool, ahead of the one printed next."""
+    """`buck hash PATH...`: what sha256sum prints for these paths, a directory standing for
+    the regular files below it, sorted; errors in their place on stderr."""
     expect(request, 1, float("inf"))
-    code, out, window = 0, bytearray(), deque()
-    jobs = hash_jobs(api, request, stop)
-    while not stop.is_set():
-        while len(window) < WINDOW and (job := next(jobs, None)):
-            window.append(job)
-        if not window:
-            yield from drain(out)
-            return code
-        shown, result = window.popleft()
-        if isinstance(result, Future):
-            if not result.done():
-                yield from drain(out)   # show what is ready while we wait
-            try:
-                result = result.result()
-            except OSError as e:
-                result = e
-        if isinstance(result, OSError):
+    code, out = 0, bytearray()
+    for shown, digest in hash_jobs(api, request, stop):
+        if stop.is_set():
+            return None
+        if isinstance(digest, OSError):
             code = 1
-            yield from drain(out)       # stdout before stderr, in the order of the paths
-            yield pb.CommandEvent(stderr=b"%s hash: %s: %s\n" % (TOOL.encode(), shown, result.strerror.encode()))
-        elif result is not None:        # None: hashing was stopped midway
-            out += sha256sum_line(result, shown)
-            if len(out) >= CHUNK:
-                yield from drain(out)
-    return None
-
-
-def drain(out):
-    """Send what `out` holds as one stdout event, and empty it."""
+            if out:                 # stdout before stderr, in the order of the paths
+                yield pb.CommandEvent(stdout=bytes(out))
+                out.clear()
+            yield pb.CommandEvent(stderr=b"%s hash: %s: %s\n" % (TOOL.encode(), shown, digest.strerror.encode()))
+            continue
+        out += sha256sum_line(digest, shown)
+        if len(out) >= CHUNK:
+            yield pb.CommandEvent(stdout=bytes(out))
+            out.clear()
     if out:
         yield pb.CommandEvent(stdout=bytes(out))
-        out.clear()
+    return code
 
 
 def hash_jobs(api, request, stop):
-    """(path as shown, digest | Future | OSError) for each file, in output order."""
+    """(path as shown, hex digest or OSError) for each file, in output order."""
     for arg in request.args:
         path = os.path.join(request.cwd, arg)   # the client's cwd, not ours ("/")
         try:
             st = os.stat(path)
-            if stat.S_ISDIR(st.st_mode):
-                shown, path = os.path.join(arg, b""), os.path.join(path, b"")   # end in "/"
-                for rel, st in files_below(path):
-                    yield shown + rel, digest(api, path + rel, st, stop)
-            elif stat.S_ISREG(st.st_mode):
-                yield arg, digest(api, path, st, stop)
-            else:
-                yield arg, OSError(0, "Not a regular file")
         except OSError as e:
-            yield arg, e
+            st = e
+        if isinstance(st, OSError) or stat.S_ISREG(st.st_mode):
+            yield arg, digest_or_error(api, path, st, stop)
+        elif stat.S_ISDIR(st.st_mode):
+            shown, path = os.path.join(arg, b""), os.path.join(path, b"")   # both end in "/"
+            for rel, st in files_below(path):
+                yield shown + rel, digest_or_error(api, path + rel, st, stop)
+        else:
+            yield arg, OSError(0, "Not a regular file")
 
 
-def digest(api, path, st, stop):
-    """A file's digest (or the OSError reading it), or a Future of it. The cache answers if
-    it can; big files go to the pool (hashlib releases the GIL); small ones are hashed right
-    here, as threads would only fight over the GIL for them (measured: two threads took 3x
-    as long as one on the stdlib)."""
-    cached = api.cached(st)
-    if cached:
-        return cached
-    if st.st_size >= BIG_FILE:
-        return api.pool.submit(api.read_and_hash, path, st, stop)
+def digest_or_error(api, path, st, stop):
     try:
-        return api.read_and_hash(path, st, stop)
+        return st if isinstance(st, OSError) else api.digest(path, st, stop)
     except OSError as e:
         return e
 
 
 def files_below(top):
-    """(path relative to top, stat) of each regular file below top (which ends in "/"), in
-    the order of their sorted paths, one directory at a time: in a directory a subdirectory
+    """(path relative to top, stat or OSError) of each regular file below top (which ends in
+    "/"), in the order of their sorted paths: a directory at a time, in which a subdirectory
     sorts as its name and "/", as every path below it begins so."""
-    stack = [sorted_entries(top)]
+    stack = [iter([(b"", None)])]
     while stack:
-        for entry in stack[-1]:
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(sorted_entries(entry.path + b"/"))
+        for rel, entry in stack[-1]:
+            if entry is None or entry.is_dir(follow_symlinks=False):
+                try:
+                    with os.scandir(top + rel) as found:
+                        named = [(e.name + b"/" if e.is_dir(follow_symlinks=False) else e.name, e) for e in found]
+                except OSError as e:
+                    yield rel, e
+                    continue
+                stack.append(iter([(rel + name, e) for name, e in sorted(named, key=lambda x: x[0])]))
                 break
             if entry.is_file(follow_symlinks=False):
-                yield entry.path[len(top):], entry.stat(follow_symlinks=False)
+                yield rel, entry.stat(follow_symlinks=False)
         else:
             stack.pop()
-
-
-def sorted_entries(path):
-    with os.scandir(path) as entries:
-        named = [(e.name + b"/" if e.is_dir(follow_symlinks=False) else e.name, e) for e in entries]
-    named.sort(key=lambda pair: pair[0])
-    return iter([e for _, e in named])
 
 
 def sha256sum_line(digest, name):
@@ -573,18 +530,19 @@ def sha256sum_line(digest, name):
 
 
 def cmd_debug_sleep(api, request, stop):
-    """`buck debug sleep SECONDS`: one line, then a sleep that stops when told to."""
+    """`buck debug sleep SECONDS`: one line, then a sleep that ends early if stopped."""
     expect(request, 1, 1)
     try:
         seconds = float(request.args[0])
     except ValueError:
         seconds = float("nan")
     if not 0 <= seconds <= MAX_SECONDS:
-        raise Invalid(f"SECONDS must be a number from 0 to {MAX_SECONDS:g}, not {request.args[0].decode(errors='replace')!r}")
+        raise Invalid(f"SECONDS must be a number from 0 to {MAX_SECONDS:g}, not "
+                      f"{request.args[0].decode(errors='replace')!r}")
     done = time.monotonic() + seconds
     yield pb.CommandEvent(stdout=b"sleeping for %g s\n" % seconds)
     stop.wait(done - time.monotonic())
-    return 0 if time.monotonic() >= done else None      # None: stopped before its end
+    return 0 if time.monotonic() >= done else None
 
 
 def cmd_debug_crash(api, request, stop):

@@ -1258,6 +1258,87 @@ def test_lifecycle_log_records_the_docs_steps(sb):
     assert guarantees_hold(sb)
 
 
+# --- Vendoring (README, "Vendoring"): the recipe, followed to the letter
+
+COUNT_HANDLER = '''
+
+def cmd_count(api, request, stop):
+    """`mytool count [--min=N] PATH...`: each file's line count, if at least N."""
+    expect(request, 1, float("inf"), options=("min",))
+    import checks
+    least = int(request.options.get("min", "0"))
+    for arg in request.args:
+        with open(os.path.join(request.cwd, arg), "rb") as f:
+            n = checks.count(f.read())
+        if n >= least:
+            yield pb.CommandEvent(stdout=b"%d %s\\n" % (n, arg))
+    return 0
+
+
+HANDLERS["count"] = cmd_count
+'''
+
+
+def edit(path, old, new):
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_vendoring_by_the_readme_recipe(tmp_path):
+    """A tool `mytool` built on these files, in tools/mytool/ of its own repository, by
+    the README's recipe: the names block is the only rename; a command with an option is
+    one line in buck.COMMANDS and one handler in buckd.HANDLERS; the tool's own module is
+    in SOURCES, so editing it restarts mytoold."""
+    repo, home = tmp_path / "repo", tmp_path / "home"
+    tool, d = repo / "tools" / "mytool", home / ".mytool" / "mytoold" / str(repo).lstrip("/") / "v2"
+    tool.mkdir(parents=True)
+    home.mkdir()
+    for name in ("buck.py", "buckd.py", "daemon.proto"):                      # step 1
+        shutil.copy(HERE / name, tool / name)
+    subprocess.run([PY, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=.",
+                    "daemon.proto"], cwd=tool, check=True)
+    edit(tool / "buck.py", 'TOOL, DAEMON = "buck", "buckd"', 'TOOL, DAEMON = "mytool", "mytoold"')
+    edit(tool / "buck.py", '"daemon.proto")', '"daemon.proto", "checks.py")')      # step 2
+    edit(tool / "buck.py", '    "daemon": (',                                          # step 3
+         '    "count": ("[--min=N] PATH...", "print the line counts of files"),\n    "daemon": (')
+    with open(tool / "buckd.py", "a") as f:
+        f.write(COUNT_HANDLER)
+    (tool / "checks.py").write_text("def count(data):\n    return data.count(b'\\n')\n")
+    (repo / ".mytoolconfig").write_text("")
+    (repo / "a.txt").write_text("1\n2\n3\n")
+    (repo / "b.txt").write_text("1\n")
+    env = {**os.environ, "HOME": str(home), "MYTOOLD_CHECK_INTERVAL": "0.2"}
+    env.pop("BUCK_LIFECYCLE_LOG", None)
+
+    def mytool(*args):                                                         # step 4
+        proc = subprocess.run([PY, "tools/mytool/buck.py", *args], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=60)
+        return SimpleNamespace(code=proc.returncode, out=proc.stdout, err=proc.stderr)
+    try:
+        assert "count [--min=N] PATH..." in mytool("help").out
+        first = mytool("server", "--json")
+        assert first.code == 0 and first.err == "mytool: starting mytoold\n", first.err
+        pid = json.loads(first.out)["pid"]
+        assert (d / "mytoold.pid").read_text() == f"{pid}\n" and (d / "mytoold.info").exists()
+        for _ in range(2):
+            r = mytool("count", "--min=2", "a.txt", "b.txt")
+            assert (r.code, r.out, r.err) == (0, "3 a.txt\n", "")
+        assert mytool("count", "--bogus", "a.txt").err.startswith("mytool: count: unknown option")
+        (tool / "checks.py").write_text("def count(data):\n    return 10 * data.count(b'\\n')\n")
+        r = mytool("count", "--min=2", "a.txt", "b.txt")
+        assert r.code == 0 and r.out == "30 a.txt\n10 b.txt\n" and "mytoold version mismatch" in r.err
+        assert not alive(pid)
+        r = mytool("kill")
+        assert r.code == 0 and r.out.startswith("mytoold killed (pid ")
+    finally:
+        mytool("kill")
+        left = lock_holder(d / "mytoold.pid") if (d / "mytoold.pid").exists() else None
+        if left:
+            os.kill(left, signal.SIGKILL)
+        assert left is None, "mytoold was left running"
+
+
 # --- The lifecycle log's checker and view (lifecycle.py), on hand-made logs: a checker
 # that cannot fail proves nothing, so each break of a guarantee is fed to it here.
 
