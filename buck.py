@@ -434,34 +434,28 @@ def start_daemon(d, isolation):
 def cmd_status(d, isolation, operands, options):
     """Report the running buckd, whatever its version; never start one."""
     info, pid = read_info(d), holder(d)
-    if info is None and pid is None:
-        print(f"no {DAEMON} running")
-        return 0
-    if info is None:
-        raise Fail(f"{DAEMON} (pid {pid}) runs, but {INFO_FILE} does not name it (starting?)")
-    conn = Connection(info)
-    try:
-        print_status(conn.status(), "json" in options)
-    except grpc.RpcError as e:
-        if e.code() != grpc.StatusCode.UNAVAILABLE or pid is not None:
+    if info and info["pid"] == pid:
+        conn = Connection(info)
+        try:
+            return print_status(conn.status(), "json" in options)
+        except grpc.RpcError as e:
             raise Fail(f"{DAEMON} (pid {info['pid']}) is not responding: {rpc_error(e)}")
-        print(f"no {DAEMON} running")   # a stale buckd.info: its daemon is gone
+    if pid:
+        raise Fail(f"{DAEMON} (pid {pid}) runs, but {INFO_FILE} does not name it (starting?)")
+    print(f"no {DAEMON} running")   # (a buckd.info left behind names a dead buckd)
     return 0
 
 
 def cmd_server(d, isolation, operands, options):
     """Make sure a buckd of this client's version runs, then report it."""
-    print_status(connect(d, isolation)[1], "json" in options)
-    return 0
+    return print_status(connect(d, isolation)[1], "json" in options)
 
 
 def print_status(reply, as_json):
+    import json
     fields = {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
-    if as_json:
-        import json
-        print(json.dumps(fields))
-    else:
-        print(f"{DAEMON} is running\n" + "".join(f"  {k}: {v}\n" for k, v in fields.items()), end="")
+    print(json.dumps(fields) if as_json else f"{DAEMON} is running" + "".join(f"\n  {k}: {v}" for k, v in fields.items()))
+    return 0
 
 
 def cmd_kill(d, isolation, operands, options):
@@ -527,10 +521,6 @@ def handshake(request, accepted):
 
 # --- The command line
 
-class Usage(Exception):
-    """An argument error: one line on stderr with the usage, exit 2."""
-
-
 def parse(argv):
     """argv -> (isolation dir, command, operands, options) as COMMANDS says; options are
     {name: value}, "" for a flag."""
@@ -539,11 +529,11 @@ def parse(argv):
         word = argv.pop(0)
         isolation = word.partition("=")[2] if "=" in word else (argv.pop(0) if argv else "")
         if not isolation or "/" in isolation or isolation in (".", ".."):
-            raise Usage(f"bad --isolation-dir {isolation!r}: a name, not a path (usage: {USAGE_LINE})")
+            raise Fail(f"bad --isolation-dir {isolation!r}: a name, not a path (usage: {USAGE_LINE})", EXIT_USAGE)
     name = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else " ".join(argv[:1])
     if name not in COMMANDS:
-        raise Usage(f"{f'unknown command {name!r}' if name else 'no command'} "
-                    f"(usage: {USAGE_LINE}; see `{TOOL} help`)")
+        raise Fail(f"{f'unknown command {name!r}' if name else 'no command'} "
+                   f"(usage: {USAGE_LINE}; see `{TOOL} help`)", EXIT_USAGE)
     spec = COMMANDS[name][0].split()
     usage = f"(usage: {' '.join([TOOL, name, *spec])})"
     takes = {w.strip("[]").split("=")[0]: "=" in w for w in spec if w.startswith("[--")}
@@ -556,15 +546,15 @@ def parse(argv):
         elif not word.startswith("--"):
             operands.append(word)
         elif key not in takes or has_value and not takes[key]:
-            raise Usage(f"{name}: unknown option {word!r} {usage}")
+            raise Fail(f"{name}: unknown option {word!r} {usage}", EXIT_USAGE)
         elif takes[key] and not has_value and (value := next(words, None)) is None:
-            raise Usage(f"{name}: {key} needs a value {usage}")
+            raise Fail(f"{name}: {key} needs a value {usage}", EXIT_USAGE)
         else:
             options[key[2:]] = value
     least = sum(not w.startswith("[") for w in slots)
     most = float("inf") if any(w.rstrip("]").endswith("...") for w in slots) else len(slots)
     if not least <= len(operands) <= most:
-        raise Usage(f"{name}: {'missing' if len(operands) < least else 'extra'} operand(s) {usage}")
+        raise Fail(f"{name}: {'missing' if len(operands) < least else 'extra'} operand(s) {usage}", EXIT_USAGE)
     return isolation, name, operands, options
 
 
@@ -593,18 +583,14 @@ def main(argv):
         if name in LOCAL_COMMANDS:
             return LOCAL_COMMANDS[name](d, isolation, operands, options)
         return run_command(d, isolation, name, operands, options)
-    except (Usage, Fail) as e:
+    except Fail as e:
         say(e)
-        return getattr(e, "code", EXIT_USAGE)
+        return e.code
     except OSError as e:
         say(f"{e.filename}: {e.strerror}" if e.filename else e)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except Exception as e:
-        if grpc is None or not isinstance(e, grpc.RpcError):
-            raise                   # a bug of ours: its traceback is the report
-        say(f"{DAEMON} did not answer: {rpc_error(e)}")
-    return EXIT_FAILED
 
 
 LOCAL_COMMANDS = {"status": cmd_status, "server": cmd_server, "kill": cmd_kill}

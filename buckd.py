@@ -62,8 +62,7 @@ def main(d, foreground=False):
             word = pipe.read().decode(errors="replace")   # "CODE message", or "" if buckd died
         code, _, message = word.partition(" ") if word else (
             buck.EXIT_FAILED, "", f"{DAEMON} exited during startup, see {os.path.join(d, STDERR_FILE)}")
-        if message:
-            print(message, file=sys.stderr)
+        print(message, file=sys.stderr, end="\n" if message else "")
         return int(code)
     os.close(read_end)
     daemonize()
@@ -187,8 +186,8 @@ def redirect_stdio(d):
 def tell(ready, code, message):
     """Give `buck daemon` its exit code and message; return the code. If it is gone (its
     client was interrupted), buckd carries on: the next client will use it."""
-    if ready is None:
-        print(message or f"{DAEMON} is serving", file=sys.stderr)
+    if ready is None:               # in the foreground: to our own stderr
+        log(message or "serving")
         return code
     try:
         os.write(ready, f"{code} {message}".encode())
