@@ -1,10 +1,12 @@
-# make setup | demo | test | stress | bench | clean    (see README.md)
+# make setup | demo | test | stress | race | chaos | bench | clean    (see README.md)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STUBS  := daemon_pb2.py daemon_pb2_grpc.py
 
-.PHONY: setup demo test stress bench clean
+.PHONY: setup demo test stress race chaos bench clean
+SECONDS ?= 120
+SEED    ?= 1
 
 setup: $(STUBS)
 	@$(PY) -m compileall -q buckd.py $(STUBS)   # cached bytecode, even with PYTHONDONTWRITEBYTECODE
@@ -17,14 +19,16 @@ $(VENV)/.installed: requirements.txt
 $(STUBS): daemon.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. daemon.proto
 
-# A short real session in this checkout (its daemon dir is under your $HOME/.buck).
+# A short real session in this checkout (its daemon dir is under your $$HOME/.buck): start
+# buckd, then hash Python's standard library twice: cold, then reusing buckd's cache.
 demo: setup
 	@set -e; buck() { echo "\$$ buck $$*" >&2; $(PY) buck.py "$$@"; }; \
 	ms() { $(PY) -c 'import time; print(time.time_ns() // 1000000)'; }; \
+	lib=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])'); \
 	buck kill; buck server; buck status --json; \
-	echo "# a cold and a warm hash of .venv/ (a real tree: $$(find .venv -type f | wc -l) files)"; \
-	t0=$$(ms); buck hash .venv | tail -1; t1=$$(ms); buck hash .venv | tail -1; t2=$$(ms); \
-	echo "# cold: $$((t1 - t0)) ms, warm: $$((t2 - t1)) ms: warm is $$(((t1 - t0) / (t2 - t1)))x faster"; \
+	echo "# hash $$lib ($$(find $$lib -type f | wc -l) files), cold then warm" >&2; \
+	t0=$$(ms); buck hash $$lib | tail -1; t1=$$(ms); buck hash $$lib | tail -1; t2=$$(ms); \
+	$(PY) -c "print(f'# cold: $$((t1 - t0)) ms, warm: $$((t2 - t1)) ms: warm is {($$t1 - $$t0) / ($$t2 - $$t1):.1f}x faster')"; \
 	buck status; buck kill
 
 test: setup
@@ -36,6 +40,14 @@ stress: setup
 	    && echo "stress run $$i: passed" \
 	    || { cat /tmp/buckd-stress.log; echo "stress run $$i: FAILED"; exit 1; }; \
 	done
+
+# 12 clients, half of them another version, start buckd from cold: the swimlanes and verdict.
+race: setup
+	$(PY) lifecycle.py race
+
+# The randomized fault soak: make chaos SECONDS=600 SEED=2
+chaos: setup
+	$(PY) chaos_buckd.py --seconds $(SECONDS) --seed $(SEED)
 
 bench: setup
 	$(PY) bench_buckd.py

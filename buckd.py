@@ -407,14 +407,17 @@ class DaemonApi:
         if entry and entry.startswith(stamp):
             return entry[STAMP.size:]
         started, sha = time.time_ns(), hashlib.sha256()
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)   # never hang on a FIFO
         try:
-            while chunk := os.read(fd, READ_SIZE):
-                if stop.is_set():
-                    return None
-                sha.update(chunk)
-        finally:
-            os.close(fd)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)   # never hang on a FIFO
+            try:
+                while chunk := os.read(fd, READ_SIZE):
+                    if stop.is_set():
+                        return None
+                    sha.update(chunk)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            return e
         digest, newest = sha.hexdigest().encode(), max(st.st_mtime_ns, st.st_ctime_ns)
         racy = COARSE_RACY_NS if newest % 1_000_000_000 == 0 else RACY_NS
         with self.lock:
@@ -478,45 +481,38 @@ def hash_jobs(api, request, stop):
         path = os.path.join(request.cwd, arg)   # the client's cwd, not ours ("/")
         try:
             st = os.stat(path)
+            if stat.S_ISDIR(st.st_mode):
+                shown, path = os.path.join(arg, b""), os.path.join(path, b"")   # both end in "/"
+                for rel, st in files_below(path):
+                    yield shown + rel, st if isinstance(st, OSError) else api.digest(path + rel, st, stop)
+            else:
+                yield arg, api.digest(path, st, stop) if stat.S_ISREG(st.st_mode) else OSError(0, "Not a regular file")
         except OSError as e:
-            st = e
-        if isinstance(st, OSError) or stat.S_ISREG(st.st_mode):
-            yield arg, digest_or_error(api, path, st, stop)
-        elif stat.S_ISDIR(st.st_mode):
-            shown, path = os.path.join(arg, b""), os.path.join(path, b"")   # both end in "/"
-            for rel, st in files_below(path):
-                yield shown + rel, digest_or_error(api, path + rel, st, stop)
-        else:
-            yield arg, OSError(0, "Not a regular file")
-
-
-def digest_or_error(api, path, st, stop):
-    try:
-        return st if isinstance(st, OSError) else api.digest(path, st, stop)
-    except OSError as e:
-        return e
+            yield arg, e
 
 
 def files_below(top):
     """(path relative to top, stat or OSError) of each regular file below top (which ends in
     "/"), in the order of their sorted paths: a directory at a time, in which a subdirectory
     sorts as its name and "/", as every path below it begins so."""
-    stack = [iter([(b"", None)])]
+    stack = [sorted_entries(top)]
     while stack:
-        for rel, entry in stack[-1]:
-            if entry is None or entry.is_dir(follow_symlinks=False):
+        for entry in stack[-1]:
+            if entry.is_dir(follow_symlinks=False):
                 try:
-                    with os.scandir(top + rel) as found:
-                        named = [(e.name + b"/" if e.is_dir(follow_symlinks=False) else e.name, e) for e in found]
+                    stack.append(sorted_entries(entry.path + b"/"))
+                    break
                 except OSError as e:
-                    yield rel, e
-                    continue
-                stack.append(iter([(rel + name, e) for name, e in sorted(named, key=lambda x: x[0])]))
-                break
-            if entry.is_file(follow_symlinks=False):
-                yield rel, entry.stat(follow_symlinks=False)
+                    yield entry.path[len(top):] + b"/", e
+            elif entry.is_file(follow_symlinks=False):
+                yield entry.path[len(top):], entry.stat(follow_symlinks=False)
         else:
             stack.pop()
+
+
+def sorted_entries(path):
+    with os.scandir(path) as entries:
+        return iter(sorted(entries, key=lambda e: e.name + b"/" if e.is_dir(follow_symlinks=False) else e.name))
 
 
 def sha256sum_line(digest, name):
