@@ -115,7 +115,7 @@ def version():
 # and draw. With BUCK_LIFECYCLE_STOP_AT=STEP a process stops itself (SIGSTOP) right after that
 # step, for a test to act at that very moment.
 LOG_PATH, STOP_AT = os.environ.get(LOG_ENV), os.environ.get(STOP_AT_ENV)
-trace = {"role": "client", "dir": None, "fd": None}   # buckd.main sets role "daemon"
+trace = {"role": "client", "dir": None, "fd": None, "locked": False}   # buckd.main: role "daemon"
 
 
 def step(name, /, **fields):
@@ -352,6 +352,7 @@ class lifecycle_lock:
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"pid {os.getpid()}: {' '.join(sys.argv)}\n".encode(), 0)
         step("restart.1")
+        trace["locked"] = True
 
     def take(self):
         import fcntl
@@ -363,6 +364,7 @@ class lifecycle_lock:
 
     def __exit__(self, *exception):
         step("restart.6")
+        trace["locked"] = False
         os.close(self.fd)           # our only fd of it: closing it releases the flock
 
 
@@ -439,8 +441,10 @@ def cmd_status(d, isolation, operands, options):
         try:
             return print_status(conn.status(), "json" in options)
         except grpc.RpcError as e:
-            raise Fail(f"{DAEMON} (pid {info['pid']}) is not responding: {rpc_error(e)}")
-    if pid:
+            if not (e.code() == grpc.StatusCode.UNAVAILABLE and poll(lambda: holder(d) != pid, EXIT_TIMEOUT)):
+                raise Fail(f"{DAEMON} (pid {pid}) is not responding: {rpc_error(e)}")
+            pid = None                  # it was shutting down, and now it is gone
+    if pid is not None:
         raise Fail(f"{DAEMON} (pid {pid}) runs, but {INFO_FILE} does not name it (starting?)")
     print(f"no {DAEMON} running")   # (a buckd.info left behind names a dead buckd)
     return 0
@@ -506,9 +510,6 @@ def run_command(d, isolation, name, operands, options):
     except grpc.RpcError as e:
         raise Fail(f"lost {DAEMON} (pid {conn.pid}) during the command ({rpc_error(e)}); "
                    f"it crashed or was killed, see {crash_log(d, conn.pid)}")
-    except KeyboardInterrupt:
-        stream.cancel()             # buckd stops the command; it keeps running
-        return EXIT_INTERRUPTED
 
 
 def handshake(request, accepted):
@@ -580,6 +581,7 @@ def main(argv):
             return buckd.main(d, "foreground" in options)
         import signal
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `buck hash | head` ends quietly
+        signal.signal(signal.SIGINT, interrupted)
         if name in LOCAL_COMMANDS:
             return LOCAL_COMMANDS[name](d, isolation, operands, options)
         return run_command(d, isolation, name, operands, options)
@@ -591,6 +593,15 @@ def main(argv):
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def interrupted(*_):
+    """Ctrl-C, once we may talk to buckd: exit at once, quietly (a KeyboardInterrupt could
+    land in a grpc finalizer, which swallows it). The end of our connection stops a running
+    command in buckd, and the kernel releases lifecycle.lock."""
+    if trace["locked"]:
+        step("restart.6")
+    os._exit(EXIT_INTERRUPTED)
 
 
 LOCAL_COMMANDS = {"status": cmd_status, "server": cmd_server, "kill": cmd_kill}

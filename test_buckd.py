@@ -943,6 +943,7 @@ def test_ctrl_c_during_a_cold_start_keeps_the_daemon(sb):
     os.kill(pid, signal.SIGCONT)
     r = sb.buck("server", "--json")
     assert r.code == 0 and r.err == "" and json.loads(r.out)["pid"] == pid, r.err
+    assert guarantees_hold(sb)
 
 
 def test_launcher_killed_while_buckd_starts_is_survived(sb):
@@ -1060,6 +1061,7 @@ def test_ctrl_c_once_buck_py_runs_exits_130_quietly(sb):
             os.kill(client.pid, signal.SIGCONT)
         r = result(client, *client.communicate(timeout=30))
         assert r.code == 130 and no_traceback(r), (when, r.err)
+    assert guarantees_hold(sb)      # a client interrupted holding lifecycle.lock said so
 
 
 def test_startup_failure_before_stdio_is_redirected_is_one_line(sb):
