@@ -95,8 +95,7 @@ def poll(condition, timeout, interval=POLL_INTERVAL):
 
 
 def version():
-    """This code's version: a checksum of SOURCES, so every edit is a new buck build. Read
-    once: our code does not change under us. (zlib imports in 0.1 ms, hashlib in 6.)"""
+    """A checksum of SOURCES: every edit is a new buck build. (zlib imports in 0.1 ms, hashlib 6.)"""
     global _version
     if _version is None:
         import zlib
@@ -198,8 +197,7 @@ def holder(d):
 # --- "client connection and buckd startup"
 
 def load_grpc():
-    """Import grpc and the stubs, beside us wherever we run from. grpc is quiet in the client;
-    the user's GRPC_VERBOSITY is what buckd gets."""
+    """Import grpc and the stubs beside us. grpc is quiet here; buckd gets the user's setting."""
     global grpc, pb, pb_grpc
     if grpc is None:
         quiet = "GRPC_VERBOSITY" not in os.environ
@@ -217,8 +215,8 @@ def load_grpc():
 
 
 class Connection:
-    """A channel to the one buckd that a buckd.info names. Its token, sent with every call,
-    is also that buckd's identity: a buckd started later on the same port refuses it."""
+    """A channel to the buckd that a buckd.info names. Its token, sent with every call, is also
+    that buckd's identity: a buckd started later on the same port refuses it."""
 
     def __init__(self, info):
         load_grpc()
@@ -239,17 +237,14 @@ class Connection:
             return False
         return True
 
-    def command(self, requests):
-        return self.stub.Command(requests, metadata=self.metadata)
-
 
 def rpc_error(e):
     return f"{e.code().name}: {e.details()}" if isinstance(e, grpc.Call) else str(e)
 
 
 def connect(d, isolation):
-    """A Connection to a buckd of this client's version, and its Status reply: steps 1-3 of
-    "client connection", and a (re)start when they fail, at most ATTEMPTS times."""
+    """Steps 1-3 of "client connection", and a (re)start when they fail (ATTEMPTS times at most):
+    a Connection to a buckd of this client's version, and its Status reply."""
     for _ in range(ATTEMPTS):
         raw = read_file(os.path.join(d, INFO_FILE))     # 1. read buckd.info
         step("connect.1", found=raw is not None)
@@ -279,9 +274,8 @@ def check_version(raw):
 
 
 def restart(d, isolation, seen, problem):
-    """"To start/restart the buckd process", steps 1-6; unless, once we hold the lock,
-    buckd.info is no longer what we have `seen`: another client has just (re)started buckd,
-    and we use that one."""
+    """"To start/restart the buckd process", steps 1-6; unless, once we hold the lock, buckd.info
+    is no longer what we have `seen`: another client has just started a buckd, and we use it."""
     with lifecycle_lock(d):                             # 1. (6. on leaving)
         wait_if_starting(d)
         if read_file(os.path.join(d, INFO_FILE)) != seen:
@@ -297,9 +291,8 @@ def restart(d, isolation, seen, problem):
 
 
 def wait_if_starting(d):
-    """A buckd holding buckd.pid that buckd.info does not name yet, and that locked it less
-    than START_TIMEOUT ago, is starting (maybe for a client that was interrupted): wait for
-    it to serve, rather than kill it."""
+    """A buckd that locked buckd.pid less than START_TIMEOUT ago and that buckd.info does not
+    name yet is starting (maybe for an interrupted client): wait for it, rather than kill it."""
     pid, named = holder(d), lambda: (read_info(d) or {}).get("pid") == pid
     try:
         age = time.time() - os.stat(os.path.join(d, PID_FILE)).st_mtime
@@ -332,9 +325,8 @@ def crash_log(d, pid):
 # "When the client is killing or starting the buckd process, it will grab an exclusive lock
 # on the "lifecycle.lock" file in the daemon directory"
 class lifecycle_lock:
-    """Held while this client kills or starts buckd: a flock, which the kernel releases when
-    its holder exits, however it dies. A waiting client says for whom: the holder writes its
-    pid and command line into the file."""
+    """Held while this client kills or starts buckd: a flock, released by the kernel however its
+    holder dies. The holder writes its pid and command line in it, for waiting clients to name."""
 
     def __init__(self, d):
         self.d = d
@@ -375,9 +367,8 @@ def one_line(raw):
 
 
 def kill_daemon(d, reason):
-    """Steps 2-3 of "start/restart": send buckd a kill, then make sure, by pid, that it has
-    exited: SIGTERM if the call fails, SIGKILL as the last resort. Gone means that pid no
-    longer holds buckd.pid's lock. Returns the pid, or None if no buckd ran."""
+    """Steps 2-3 of "start/restart": send buckd a kill, then make sure, by pid, that it has exited
+    (SIGTERM if the call fails, SIGKILL as the last resort). Returns the pid, or None."""
     import signal
     pid = holder(d)
     step("restart.2", daemon_pid=pid)
@@ -471,9 +462,8 @@ def cmd_kill(d, isolation, operands, options):
 
 
 def run_command(d, isolation, name, operands, options):
-    """A command that runs in buckd ("most work is done by the daemon process"), sent on the
-    very connection whose version was checked; its output streamed as it comes. Until buckd
-    accepts it we may reconnect and resend; after that, never."""
+    """A command that runs in buckd, sent on the very connection whose version was checked, its
+    output streamed as it comes. Until buckd accepts it we may resend it; after, never."""
     import threading
     load_grpc()
     request = pb.CommandRequest(name=name, args=[os.fsencode(a) for a in operands],
@@ -481,7 +471,7 @@ def run_command(d, isolation, name, operands, options):
     for _ in range(ATTEMPTS):
         conn, _ = connect(d, isolation)
         accepted = threading.Event()
-        stream = conn.command(handshake(request, accepted))
+        stream = conn.stub.Command(handshake(request, accepted), metadata=conn.metadata)
         try:
             if next(stream).HasField("accepted"):
                 accepted.set()      # the go-ahead: from here on, never resend
@@ -596,9 +586,8 @@ def main(argv):
 
 
 def interrupted(*_):
-    """Ctrl-C, once we may talk to buckd: exit at once, quietly (a KeyboardInterrupt could
-    land in a grpc finalizer, which swallows it). The end of our connection stops a running
-    command in buckd, and the kernel releases lifecycle.lock."""
+    """Ctrl-C, once grpc may be loaded: exit at once (a KeyboardInterrupt could land in a grpc
+    finalizer, which swallows it). Our connection's end stops our command in buckd."""
     if trace["locked"]:
         step("restart.6")
     os._exit(EXIT_INTERRUPTED)

@@ -70,13 +70,12 @@ def main(d, foreground=False):
 
 
 def seconds(name, default, zero_means_never=False):
-    """A duration from the environment; a bad one is a clear error, never a busy loop (0,
-    negative, nan) or an overflow (inf)."""
+    """A duration from the environment: a bad one is an error, not a busy loop or overflow."""
     text = os.environ.get(name)
     try:
         value = default if text is None else float(text)
     except ValueError:
-        value = float("nan")
+        value = -1
     if zero_means_never and value == 0:
         return None
     if not 0.01 <= value <= MAX_SECONDS:
@@ -95,8 +94,7 @@ def daemonize():
 
 
 def run(d, interval, idle, ready):
-    """buckd from start to exit: the doc's startup, serving until a way to shut down comes,
-    the shutdown. Returns the exit code."""
+    """buckd from start to exit: startup, serving until a way to shut down, shutdown."""
     wake = watch_signals()
     try:
         pid_fd = lock_pid_file(d)
@@ -135,10 +133,9 @@ def run(d, interval, idle, ready):
 
 
 def watch_signals():
-    """SIGTERM and SIGINT ask buckd to shut down. Their handlers do nothing: Python's C-level
-    handler writes the signal's number to a pipe that serve() waits on. (A Python handler runs
-    between bytecodes of the main thread, maybe while it holds a lock: it must take none.)
-    The Kill call writes to that pipe too. Returns it: (read end, write end)."""
+    """SIGTERM and SIGINT ask buckd to shut down: Python's C handler writes the signal's number
+    to a pipe that serve() waits on, as does the Kill call; the Python handlers do nothing (one
+    runs in the main thread, maybe while it holds a lock). Returns (read end, write end)."""
     wake = os.pipe()
     for fd in wake:
         os.set_blocking(fd, False)
@@ -155,10 +152,9 @@ class AlreadyRunning(Exception):
 # "write its pid to a locked file "buckd.pid" ... locked exclusively by the daemon process
 # until it exits"
 def lock_pid_file(d):
-    """Lock buckd.pid, then write our pid in it (truncate only once locked: never clobber the
-    holder's pid). A POSIX record lock, not flock, so that clients can ask the kernel who
-    holds it (buck.holder). Such a lock is dropped when its holder closes *any* fd of the
-    file: buckd never opens buckd.pid again, it reads it through this fd."""
+    """Lock buckd.pid, then write our pid in it (truncate only once locked). A POSIX record lock,
+    so that clients can ask the kernel who holds it (buck.holder); it is dropped when its holder
+    closes *any* fd of the file, so buckd never opens buckd.pid again: it reads this fd."""
     fd = os.open(os.path.join(d, PID_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -227,8 +223,7 @@ def log(message):
 
 def panic(error):
     """Shutdown path 3, the doc's rust `panic()`: a bug in buckd. Its traceback goes to
-    buckd.stderr and buckd exits at once: a daemon in an unknown state must not serve. (A
-    bad request is no panic: it ends its own call, see DaemonApi.Command.)"""
+    buckd.stderr and buckd exits at once: a daemon in an unknown state must not serve."""
     traceback.print_exception(error)
     step("daemon.shutdown", reason=f"panic: {error!r}", path="panic")
     step("daemon.exit")
@@ -238,9 +233,8 @@ def panic(error):
 
 # "There are 3 ways that the buckd process will shutdown"
 def serve(api, d, pid_fd, info, wake, interval, idle):
-    """Wait until buckd must shut down; return why, and which way: "kill" (1. the Kill call),
-    "self-check" (2. its files no longer name it), "signal", or "idle". (3. A panic exits
-    from wherever it happens.)"""
+    """Wait until buckd must shut down; return why, and which way: "kill" (1), "self-check"
+    (2), "signal" or "idle". (3, a panic, exits from wherever it happens.)"""
     next_check = time.monotonic() + interval
     while True:
         idle_at = api.last_used + idle if idle and not api.active else float("inf")
@@ -309,11 +303,9 @@ class Invalid(Exception):
 
 
 class DaemonApi:
-    """The servicer (Status, Kill, Command) and what commands share: the digest cache.
-
-    Status and Kill answer at once, whatever runs. `lock` guards `active` and `reason`, and
-    writes to the cache; it is never taken in a signal handler (see watch_signals). Reads of
-    a counter or of `last_used`, and cache lookups, take no lock."""
+    """The servicer (Status, Kill, Command) and what commands share: the digest cache. `lock`
+    guards `active`, `reason` and writes to the cache, and is never taken in a signal handler;
+    reads of a counter or of `last_used`, and cache lookups, take none."""
 
     def __init__(self, d, version, wake):
         self.dir, self.version, self.wake, self.port = d, version, wake, 0
@@ -352,10 +344,9 @@ class DaemonApi:
             pass                    # the pipe is full: serve() wakes anyway
 
     def Command(self, requests, context):
-        """One command, by daemon.proto's handshake: the request, `accepted`, the client's
-        go-ahead, then the handler's output and exit code. A malformed request ends its own
-        call (INVALID_ARGUMENT); past MAX_COMMANDS, RESOURCE_EXHAUSTED. Only a bug of
-        buckd's own is a panic."""
+        """One command, by daemon.proto's handshake. A malformed request ends its own call
+        (INVALID_ARGUMENT), as does one past MAX_COMMANDS (RESOURCE_EXHAUSTED): only a bug
+        of buckd's own is a panic."""
         try:
             request = next(requests, None)
         except grpc.RpcError:
@@ -527,13 +518,10 @@ def sha256sum_line(digest, name):
 def cmd_debug_sleep(api, request, stop):
     """`buck debug sleep SECONDS`: one line, then a sleep that ends early if stopped."""
     expect(request, 1, 1)
-    try:
-        seconds = float(request.args[0])
-    except ValueError:
-        seconds = float("nan")
+    text = request.args[0].decode(errors="replace")
+    seconds = float(text) if text.replace(".", "", 1).isdigit() else -1
     if not 0 <= seconds <= MAX_SECONDS:
-        raise Invalid(f"SECONDS must be a number from 0 to {MAX_SECONDS:g}, not "
-                      f"{request.args[0].decode(errors='replace')!r}")
+        raise Invalid(f"SECONDS must be a number from 0 to {MAX_SECONDS:g}, not {text!r}")
     done = time.monotonic() + seconds
     yield pb.CommandEvent(stdout=b"sleeping for %g s\n" % seconds)
     stop.wait(done - time.monotonic())
