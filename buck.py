@@ -464,42 +464,57 @@ def cmd_kill(d, isolation, operands, options):
 def run_command(d, isolation, name, operands, options):
     """A command that runs in buckd, sent on the very connection whose version was checked, its
     output streamed as it comes. Until buckd accepts it we may resend it; after, never."""
+    import queue
     import threading
     load_grpc()
     request = pb.CommandRequest(name=name, args=[os.fsencode(a) for a in operands],
                                 options=options, cwd=os.fsencode(os.getcwd()))
     for _ in range(ATTEMPTS):
         conn, _ = connect(d, isolation)
-        accepted = threading.Event()
+        accepted, events = threading.Event(), queue.Queue()
         stream = conn.stub.Command(handshake(request, accepted), metadata=conn.metadata)
+        threading.Thread(target=read_stream, args=(stream, events), daemon=True).start()
         try:
-            if next(stream).HasField("accepted"):
-                accepted.set()      # the go-ahead: from here on, never resend
-                break
-        except grpc.RpcError as e:
-            stream.cancel()         # buckd went away before it accepted: it ran nothing
-            refused = {grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
-                       grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_FAILED}.get(e.code())
-            if refused:
-                raise Fail(f"{DAEMON} refused the command: {e.details()}", refused)
+            event = events.get(timeout=STATUS_TIMEOUT)  # as for Status: else buckd is not usable
+        except queue.Empty:
+            event = None
+        if isinstance(event, pb.CommandEvent) and event.HasField("accepted"):
+            accepted.set()          # the go-ahead: from here on, never resend
+            break
+        stream.cancel()             # buckd went away before it accepted: it ran nothing
+        refused = isinstance(event, grpc.Call) and {grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
+                                                    grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_FAILED}.get(event.code())
+        if refused:
+            raise Fail(f"{DAEMON} refused the command: {event.details()}", refused)
     else:
         raise Fail(f"{DAEMON} did not accept the command")
     step("command", daemon_pid=conn.pid, name=name)
+    while isinstance(event := events.get(), pb.CommandEvent):
+        kind = event.WhichOneof("event")
+        if kind in ("stdout", "stderr"):
+            out = sys.stdout if kind == "stdout" else sys.stderr
+            out.buffer.write(getattr(event, kind))
+            out.flush()
+        elif kind == "exit_code":
+            return event.exit_code
+        elif kind == "shutdown":
+            raise Fail(f"{DAEMON} shut down during the command: {event.shutdown}")
+    if event is None:
+        raise Fail(f"{DAEMON} ended the command without an exit code")
+    raise Fail(f"lost {DAEMON} (pid {conn.pid}) during the command ({rpc_error(event)}); "
+               f"it crashed or was killed, see {crash_log(d, conn.pid)}")
+
+
+def read_stream(stream, events):
+    """Put a stream's events in a queue, then None; or the error that ended it. (The main
+    thread waits on the queue, with a timeout where it needs one: a grpc call whose connection
+    went away at the wrong moment can wait forever, even once cancelled.)"""
     try:
         for event in stream:
-            kind = event.WhichOneof("event")
-            if kind in ("stdout", "stderr"):
-                out = sys.stdout if kind == "stdout" else sys.stderr
-                out.buffer.write(getattr(event, kind))
-                out.flush()
-            elif kind == "exit_code":
-                return event.exit_code
-            elif kind == "shutdown":
-                raise Fail(f"{DAEMON} shut down during the command: {event.shutdown}")
-        raise Fail(f"{DAEMON} ended the command without an exit code")
+            events.put(event)
+        events.put(None)
     except grpc.RpcError as e:
-        raise Fail(f"lost {DAEMON} (pid {conn.pid}) during the command ({rpc_error(e)}); "
-                   f"it crashed or was killed, see {crash_log(d, conn.pid)}")
+        events.put(e)
 
 
 def handshake(request, accepted):

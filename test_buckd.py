@@ -171,7 +171,11 @@ def finish(sb, proc, timeout=60):
         if stopped(proc.pid):
             os.kill(proc.pid, signal.SIGCONT)
         return proc.poll() is not None
-    wait_for(done, timeout, what=f"pid {proc.pid} to finish")
+    try:
+        wait_for(done, timeout, what=f"pid {proc.pid} to finish")
+    except AssertionError:
+        proc.kill()
+        raise AssertionError(f"pid {proc.pid} did not finish: {proc.communicate()[1].decode()}")
     return result(proc, proc.stdout.read(), proc.stderr.read())
 
 
