@@ -76,9 +76,10 @@ def say(message):
 
 
 def read_file(path):
-    """The file's bytes, or None if it cannot be read (missing, a directory, ...)."""
+    """The file's bytes, or None if it cannot be read (missing, a directory, ...). Never waits
+    on a FIFO."""
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
             return f.read()
     except OSError:
         return None
@@ -114,6 +115,7 @@ def version():
 # and draw. With BUCK_LIFECYCLE_STOP_AT=STEP a process stops itself (SIGSTOP) right after that
 # step, for a test to act at that very moment.
 LOG_PATH, STOP_AT = os.environ.get(LOG_ENV), os.environ.get(STOP_AT_ENV)
+LOG_PATH = LOG_PATH and os.path.abspath(LOG_PATH)     # buckd's cwd is "/"
 trace = {"role": "client", "dir": None, "fd": None, "locked": False}   # buckd.main: role "daemon"
 
 
@@ -342,7 +344,7 @@ class lifecycle_lock:
                 raise Fail(f"timed out after {LOCK_TIMEOUT:.0f} s waiting for {LOCK_FILE} "
                            f"(held by: {whom})")
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()}: {' '.join(sys.argv)}\n".encode(), 0)
+        os.pwrite(self.fd, b"pid %d: %s\n" % (os.getpid(), b" ".join(map(os.fsencode, sys.argv))), 0)
         step("restart.1")
         trace["locked"] = True
 

@@ -108,10 +108,10 @@ def run(d, interval, idle, ready):
             redirect_stdio(d)
         log(f"{DAEMON} pid {os.getpid()} version {buck.version()} starting in {d}")
         threading.excepthook = lambda hook: panic(hook.exc_value)
-        server, api = start_server(d, wake[1])
+        server, api = start_server(d, wake[1], pid_fd)
         info = json.dumps({"pid": os.getpid(), "port": api.port, "version": api.version,
                            "auth_token": api.token, "start_time": api.start_time}).encode()
-        info_ino = write_atomically(os.path.join(d, INFO_FILE), info)
+        info_id = write_atomically(os.path.join(d, INFO_FILE), info)
     except OSError as e:            # e.g. a daemon dir we may not write in
         log(f"cannot start: {e}")
         step("daemon.shutdown", reason=str(e), path="startup")
@@ -122,12 +122,12 @@ def run(d, interval, idle, ready):
     step("daemon.serving", port=api.port)
     log(f"serving on 127.0.0.1:{api.port}")
     tell(ready, 0, "")
-    reason, path = serve(api, d, pid_fd, info, wake[0], interval, idle)
+    reason, path = serve(api, d, pid_fd, info_id, wake[0], interval, idle)
     api.shutdown(reason)
     step("daemon.shutdown", reason=reason, path=path)
     log(f"shutting down ({path}): {reason}")
     server.stop(GRACE).wait()       # running commands get to say why they end
-    remove_info_if_ours(d, pid_fd, info_ino)
+    remove_info_if_ours(d, pid_fd, info_id)
     step("daemon.exit")
     return 0
 
@@ -194,24 +194,30 @@ def tell(ready, code, message):
 
 
 def write_atomically(path, data):
-    """Write a whole file under its final name at once; return its inode."""
+    """Write a whole file under its final name at once; return its file_id."""
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, data)
-        ino = os.fstat(fd).st_ino
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    return ino
+    return file_id(path)
 
 
-def remove_info_if_ours(d, pid_fd, info_ino):
+def file_id(path):
+    """What tells a file, and a rewrite of it, apart without opening it (an open and close of
+    a link to buckd.pid would drop our lock; a FIFO would hang)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def remove_info_if_ours(d, pid_fd, info_id):
     """Remove buckd.info if it is the one we wrote and buckd.pid the one we hold: never the
     files of a newer buckd (ours may have been replaced)."""
     try:
         if (os.stat(os.path.join(d, PID_FILE)).st_ino == os.fstat(pid_fd).st_ino
-                and os.stat(os.path.join(d, INFO_FILE)).st_ino == info_ino):
+                and file_id(os.path.join(d, INFO_FILE)) == info_id):
             os.unlink(os.path.join(d, INFO_FILE))
     except OSError:
         pass
@@ -232,12 +238,12 @@ def panic(error):
 
 
 # "There are 3 ways that the buckd process will shutdown"
-def serve(api, d, pid_fd, info, wake, interval, idle):
+def serve(api, d, pid_fd, info_id, wake, interval, idle):
     """Wait until buckd must shut down; return why, and which way: "kill" (1), "self-check"
     (2), "signal" or "idle". (3, a panic, exits from wherever it happens.)"""
     next_check = time.monotonic() + interval
     while True:
-        idle_at = api.last_used + idle if idle and not api.active else float("inf")
+        idle_at = (time.monotonic() if api.active else api.last_used) + idle if idle else float("inf")
         if select.select([wake], [], [], max(0, min(next_check, idle_at) - time.monotonic()))[0]:
             signals = [s for s in os.read(wake, 512) if s]     # 0 is the Kill call's byte
             if api.reason:
@@ -246,7 +252,7 @@ def serve(api, d, pid_fd, info, wake, interval, idle):
                 return f"{DAEMON} received {signal.Signals(signals[0]).name}", "signal"
         now = time.monotonic()
         if now >= next_check:
-            reason = check_files_still_ours(d, pid_fd, info)
+            reason = check_files_still_ours(d, pid_fd, info_id)
             if reason:
                 return reason, "self-check"
             next_check = now + interval
@@ -256,8 +262,9 @@ def serve(api, d, pid_fd, info, wake, interval, idle):
 
 # Shutdown path 2: "buckd will periodically (every 100s or so) check the "buckd.pid" and
 # "buckd.info" files to ensure that they still match that buckd process."
-def check_files_still_ours(d, pid_fd, info):
-    """Why buckd must exit now, or None while both files still name this process."""
+def check_files_still_ours(d, pid_fd, info_id):
+    """Why buckd must exit now, or None while both files still name this process. (It opens
+    neither: buckd.pid is read through our fd, buckd.info compared by file_id.)"""
     try:
         ours, there = os.fstat(pid_fd), os.stat(os.path.join(d, PID_FILE))
     except OSError:
@@ -266,18 +273,21 @@ def check_files_still_ours(d, pid_fd, info):
         return f"{PID_FILE} was replaced"
     if os.pread(pid_fd, 64, 0) != f"{os.getpid()}\n".encode():
         return f"{PID_FILE} names another process"
-    if buck.read_file(os.path.join(d, INFO_FILE)) != info:
-        return f"{INFO_FILE} was removed or rewritten"
-    return None
+    try:
+        if file_id(os.path.join(d, INFO_FILE)) == info_id:
+            return None
+    except OSError:
+        pass
+    return f"{INFO_FILE} was removed or rewritten"
 
 
-def start_server(d, wake):
+def start_server(d, wake, pid_fd):
     """The DaemonApi gRPC server on 127.0.0.1, port chosen by the kernel: a thread for each
     running command (MAX_COMMANDS at most), and spares, so that Status and Kill never queue."""
     global grpc, pb
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     grpc, pb, pb_grpc = buck.load_grpc()
-    api = DaemonApi(d, buck.version(), wake)
+    api = DaemonApi(d, buck.version(), wake, pid_fd)
     server = grpc.server(ThreadPoolExecutor(MAX_COMMANDS + SPARE_THREADS),
                          interceptors=[require_token(api.token)], options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_DaemonApiServicer_to_server(api, server)
@@ -307,8 +317,9 @@ class DaemonApi:
     guards `active`, `reason` and writes to the cache, and is never taken in a signal handler;
     reads of a counter or of `last_used`, and cache lookups, take none."""
 
-    def __init__(self, d, version, wake):
+    def __init__(self, d, version, wake, pid_fd):
         self.dir, self.version, self.wake, self.port = d, version, wake, 0
+        self.pid_fd, self.pid_file = pid_fd, (os.fstat(pid_fd).st_dev, os.fstat(pid_fd).st_ino)
         self.token = os.urandom(16).hex()
         self.start_time, self.last_used = time.time(), time.monotonic()  # last: for idleness
         self.lock = threading.Lock()
@@ -320,7 +331,8 @@ class DaemonApi:
     def Status(self, request, context):
         self.last_used = time.monotonic()
         return pb.StatusResponse(
-            pid=os.getpid(), port=self.port, version=self.version, daemon_dir=self.dir,
+            pid=os.getpid(), port=self.port, version=self.version,
+            daemon_dir=self.dir.encode(errors="surrogateescape").decode(errors="replace"),
             start_time=self.start_time, uptime_s=time.time() - self.start_time,
             active_commands=len(self.active), cache_entries=len(self.digests),
             files_read=self.files_read)
@@ -347,27 +359,25 @@ class DaemonApi:
         """One command, by daemon.proto's handshake. A malformed request ends its own call
         (INVALID_ARGUMENT), as does one past MAX_COMMANDS (RESOURCE_EXHAUSTED): only a bug
         of buckd's own is a panic."""
-        try:
-            request = next(requests, None)
-        except grpc.RpcError:
-            return                  # the client went away
-        problem = malformed(request)
-        if problem:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         stop = threading.Event()
-        with self.lock:
-            busy = len(self.active) >= MAX_COMMANDS
-            if not busy:
+        with self.lock:             # counted from the start: a stream holds a thread
+            refused = self.reason or len(self.active) >= MAX_COMMANDS
+            if not refused:
                 self.active.add(stop)
                 self.last_used = time.monotonic()
-                if self.reason:
-                    stop.set()
-        if busy:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{DAEMON} is busy: {MAX_COMMANDS} "
-                          "commands are running")
+        if refused:                 # not accepted: the client may send it elsewhere
+            context.abort(grpc.StatusCode.UNAVAILABLE if self.reason else grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{DAEMON} is shutting down" if self.reason else
+                          f"{DAEMON} is busy: {MAX_COMMANDS} commands are running")
         if not context.add_callback(stop.set):      # the call ends: the client went away
             stop.set()
         try:
+            request = next(requests, None)
+            problem = malformed(request)
+            if problem:
+                context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+                context.set_details(problem)
+                return
             yield pb.CommandEvent(accepted=True)
             if next(requests, None) is None:        # no go-ahead: the client has gone
                 return
@@ -390,30 +400,40 @@ class DaemonApi:
                 self.last_used = time.monotonic()
 
     def digest(self, path, st, stop):
-        """A file's hex digest: cached while its size and times are unchanged, else read.
-        Cached unless "racy": changed so recently that a change right after our read could
-        keep its size and times. None if stopped midway; OSError if unreadable."""
+        """A file's hex digest: cached while its size and times are unchanged, else read and
+        cached under what the open file says of itself, unless "racy" (changed so recently that
+        a change right after our read could keep its size and times). None if stopped midway;
+        an OSError if it cannot be read. Never buckd.pid through a new fd (see lock_pid_file)."""
         key, stamp = st.st_dev << 64 | st.st_ino, STAMP.pack(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         entry = self.digests.get(key)
         if entry and entry.startswith(stamp):
             return entry[STAMP.size:]
-        started, sha = time.time_ns(), hashlib.sha256()
+        if (st.st_dev, st.st_ino) == self.pid_file:     # ours: read it through our own fd
+            return hashlib.sha256(os.pread(self.pid_fd, 1 << 16, 0)).hexdigest().encode()
+        started, sha, size = time.time_ns(), hashlib.sha256(), 0
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)   # never hang on a FIFO
+            st = os.fstat(fd)       # the file we read, wherever the path leads now
+            if (st.st_dev, st.st_ino) == self.pid_file:     # closing it would drop our lock:
+                return OSError(0, f"{DAEMON}'s own {PID_FILE}")  # keep the fd, never close it
             try:
-                while chunk := os.read(fd, READ_SIZE):
+                while stat.S_ISREG(st.st_mode) and (chunk := os.read(fd, READ_SIZE)):
                     if stop.is_set():
                         return None
                     sha.update(chunk)
+                    size += len(chunk)
             finally:
                 os.close(fd)
         except OSError as e:
             return e
+        if not stat.S_ISREG(st.st_mode):
+            return OSError(0, "Not a regular file")
+        key, stamp = st.st_dev << 64 | st.st_ino, STAMP.pack(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         digest, newest = sha.hexdigest().encode(), max(st.st_mtime_ns, st.st_ctime_ns)
         racy = COARSE_RACY_NS if newest % 1_000_000_000 == 0 else RACY_NS
         with self.lock:
             self.files_read += 1
-            if newest < started - racy:
+            if newest < started - racy and size == st.st_size:  # (/proc files lie about size)
                 if len(self.digests) >= CACHE_LIMIT:
                     self.digests = {}
                 self.digests[key] = stamp + digest
@@ -428,6 +448,8 @@ def malformed(request):
         return f"no command {request.name!r}"
     if not os.path.isabs(request.cwd):
         return f"cwd must be an absolute path, not {request.cwd!r}"
+    if any(b"\0" in arg for arg in [request.cwd, *request.args]):
+        return "a path with a NUL byte"
     return None
 
 
@@ -496,7 +518,10 @@ def files_below(top):
                 except OSError as e:
                     yield entry.path[len(top):] + b"/", e
             elif entry.is_file(follow_symlinks=False):
-                yield entry.path[len(top):], entry.stat(follow_symlinks=False)
+                try:
+                    yield entry.path[len(top):], entry.stat(follow_symlinks=False)
+                except OSError as e:            # e.g. removed since we listed it
+                    yield entry.path[len(top):], e
         else:
             stack.pop()
 

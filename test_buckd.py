@@ -161,6 +161,7 @@ class Sandbox:
 
 
 def result(proc, out, err):
+    err = err or b""                    # (None when stderr went to stdout)
     return SimpleNamespace(code=proc.returncode, pid=proc.pid, rawout=out, rawerr=err,
                            out=out.decode(errors="replace"), err=err.decode(errors="replace"))
 
@@ -1005,6 +1006,8 @@ def test_busy_daemon_answers_status_and_is_reused(sb):
     ([dict(name="debug sleep", args=[b"0"], options={"x": ""}, cwd=b"/")], 2),
     ([dict(name="hash", cwd=b"/")], 2),
     ([dict(name="hash", args=[b"x"], cwd=b"/\xff\xfe/not utf-8")], 1),
+    ([dict(name="hash", args=[b"a\0b"], cwd=b"/")], "INVALID_ARGUMENT"),
+    ([dict(name="hash", args=[b"x"], cwd=b"/tmp\0x")], "INVALID_ARGUMENT"),
 ])
 def test_malformed_requests_end_their_own_call(sb, requests, code):
     """Any client with the token may send anything: a malformed request ends that call
@@ -1229,12 +1232,15 @@ def test_hand_started_daemon_during_a_restart_is_used(sb):
 def test_idle_daemon_exits_but_never_during_a_command(sb):
     """BUCKD_IDLE_TIMEOUT: buckd shuts down cleanly once no client has called for that
     long, never while a command runs, and says so in its log."""
-    sb.buck("server", env={"BUCKD_IDLE_TIMEOUT": "1"})
+    sb.buck("server", env={"BUCKD_IDLE_TIMEOUT": "1.5", "BUCKD_CHECK_INTERVAL": "100"})
     pid = sb.info()["pid"]
     r = sb.buck("debug", "sleep", "3")
     assert r.code == 0 and alive(pid), r.err
-    wait_for(lambda: not alive(pid), timeout=20, what="buckd to exit, idle")
-    assert "no client for 1 s (BUCKD_IDLE_TIMEOUT)" in (sb.dir() / "buckd.stderr").read_text()
+    until = time.monotonic() + 3
+    while time.monotonic() < until:             # a client calling now and then keeps it
+        assert sb.status()["pid"] == pid
+    wait_for(lambda: not alive(pid), timeout=10, what="buckd to exit, idle")
+    assert "no client for 1.5 s (BUCKD_IDLE_TIMEOUT)" in (sb.dir() / "buckd.stderr").read_text()
     assert not (sb.dir() / "buckd.info").exists()
 
 
@@ -1580,3 +1586,133 @@ def test_command_line(tmp_path, capsys):
         assert lifecycle.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("lifecycle: ") and err.count("\n") == 1, err
+
+
+# --- Found in review: the cache, buckd.pid and odd input
+
+def test_cache_never_serves_the_digest_of_another_file(sb):
+    """A digest is cached under the file that was read (its fstat), not under what a stat of
+    the path said a moment before: with `cur` swapped between two trees while it is hashed,
+    every later digest of either tree is still right."""
+    for tree, fill in (("v1", b"1"), ("v2", b"2")):
+        (sb.repo / tree).mkdir()
+        for i in range(400):
+            (sb.repo / tree / f"f{i:03}").write_bytes(fill * 64)
+    sb.buck("server")
+    stop = threading.Event()
+
+    def swap():
+        while not stop.is_set():
+            for tree in ("v1", "v2"):
+                os.symlink(tree, sb.repo / "next")
+                os.replace(sb.repo / "next", sb.repo / "cur")
+    swapper = threading.Thread(target=swap)
+    (sb.repo / "cur").symlink_to("v1")
+    swapper.start()
+    try:
+        for _ in range(3):
+            sb.buck("hash", "cur/")
+    finally:
+        stop.set()
+        swapper.join()
+    r = sb.buck("hash", "v1", "v2")
+    assert r.rawout == sha256sum(sorted(f"{t}/f{i:03}".encode() for t in ("v1", "v2") for i in range(400)), sb.repo)
+
+
+def test_hashing_buckd_pid_keeps_the_lock(sb):
+    """buckd never opens buckd.pid a second time (closing that fd would drop its POSIX lock):
+    `buck hash` of the daemon dir reads it through the fd buckd holds."""
+    sb.buck("server")
+    pid = sb.info()["pid"]
+    r = sb.buck("hash", sb.dir() / "buckd.pid", sb.dir())
+    assert r.code == 0 and sha256sum([bytes(sb.dir() / "buckd.pid")], "/") in r.rawout, r.err
+    assert lock_holder(sb.dir() / "buckd.pid") == pid and sb.buck("daemon").code == 3
+    assert sb.status()["pid"] == pid
+
+
+def test_a_fifo_for_buckd_info_hangs_nobody(sb):
+    """Files are read without waiting on a FIFO, and buckd compares buckd.info without opening
+    it: a FIFO there is a rewritten buckd.info, nothing more."""
+    sb.buck("server")
+    pid = sb.info()["pid"]
+    (sb.dir() / "buckd.info").unlink()
+    os.mkfifo(sb.dir() / "buckd.info")
+    assert sb.buck("status", timeout=30).code == 1          # it runs, but is not named
+    wait_for(lambda: not alive(pid), what="buckd's self-check to see the change")
+    r = sb.buck("server", "--json", timeout=30)
+    assert r.code == 0 and json.loads(r.out)["pid"] != pid, r.err
+
+
+def test_paths_that_are_not_utf8(sb, tmp_path):
+    """A repository, an argument or an isolation dir that is not UTF-8 works like any other,
+    cold or warm: no traceback, no endless restarts."""
+    repo = os.path.join(bytes(tmp_path), b"repo \xff")
+    os.mkdir(repo)
+    open(os.path.join(repo, b".buckconfig"), "w").close()
+    with open(os.path.join(repo, b"f\xfe"), "wb") as f:
+        f.write(b"x")
+    for _ in range(2):                      # cold, then warm
+        r = sb.buck("hash", os.fsdecode(b"f\xfe"), cwd=os.fsdecode(repo))
+        assert r.code == 0 and r.rawout == sha256sum([b"f\xfe"], repo), r.err
+    r = sb.buck("--isolation-dir", os.fsdecode(b"iso\xff"), "status", "--json", cwd=os.fsdecode(repo))
+    assert r.code == 0 and no_traceback(r)
+    for isolation in ("v2", os.fsdecode(b"iso\xff")):
+        sb.buck("--isolation-dir", isolation, "kill", cwd=os.fsdecode(repo))
+
+
+def test_silent_streams_never_starve_status(sb):
+    """Command streams that never send their command count against MAX_COMMANDS from the
+    moment they open: they cannot take the threads that Status and Kill need."""
+    sb.buck("server")
+    info = sb.info()
+    raw = RawClient(info, channels=8)
+    never = threading.Event()
+    try:
+        for i in range(300):      # (kept: a call no one holds is cancelled)
+            raw.streams.append(raw.stubs[i % 8].Command(iter(never.wait, True), metadata=raw.metadata,
+                                                        timeout=60))
+        wait_for(lambda: sb.status()["active_commands"] == 256, timeout=60)
+        r = sb.buck("server", "--json")
+        assert r.code == 0 and r.err == "" and json.loads(r.out)["pid"] == info["pid"], r.err
+        r = sb.buck("debug", "sleep", "0")
+        assert r.code == 1 and "buckd is busy" in r.err
+    finally:
+        never.set()
+        raw.close()
+
+
+def test_proc_files_are_read_every_time(sb):
+    """A file whose size says nothing of its contents (/proc) is never cached."""
+    sb.buck("server")
+    read = sb.status()["files_read"]
+    for _ in range(3):
+        assert sb.buck("hash", "/proc/self/stat").code == 0
+    assert sb.status()["files_read"] == read + 3
+
+
+def test_a_relative_lifecycle_log_is_the_clients_cwds(sb):
+    """BUCK_LIFECYCLE_LOG relative to the client's cwd: buckd (whose cwd is /) writes there too."""
+    sb.buck("server", env={"BUCK_LIFECYCLE_LOG": "relative.log"})
+    roles = {json.loads(line)["role"] for line in (sb.repo / "relative.log").read_text().splitlines()}
+    assert roles == {"client", "daemon"}
+
+
+def test_hash_sorts_a_directory_as_its_name_and_a_slash(sb):
+    """sha256sum of sorted paths: "a-b" < "a.txt" < "a/x" < "a0", as every path below a
+    directory begins with its name and "/"."""
+    for name in ("a/x", "a/y/z", "a-b", "a.txt", "a0", "a b/c", "A"):
+        (sb.repo / "t" / name).parent.mkdir(parents=True, exist_ok=True)
+        (sb.repo / "t" / name).write_text(name)
+    r = sb.buck("hash", "t")
+    assert r.rawout == sha256sum(sorted(os.path.relpath(p, bytes(sb.repo))
+                                        for p in files_under(sb.repo / "t")), sb.repo)
+
+
+def test_hash_keeps_stdout_and_stderr_in_the_order_of_the_paths(sb):
+    """With 2>&1 the lines come in the order of the paths, errors in their place."""
+    (sb.repo / "a").write_text("a")
+    (sb.repo / "b").write_text("b")
+    sb.buck("server")
+    r = sb.buck("hash", "a", "missing", "b", stderr=subprocess.STDOUT)
+    lines = r.out.splitlines()
+    assert r.code == 1 and [l.split()[-1] for l in lines] == ["a", "directory", "b"], lines
