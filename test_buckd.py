@@ -1415,13 +1415,13 @@ def test_load_numbers_lines_and_names_a_torn_one(tmp_path):
     lines = lifecycle.load(path)
     assert lines[:-1] == COLD and len(lines) == 17
     assert lifecycle.check(lines) == ["line 17 is not a log line (a torn write?): "
-                            "'{\"t\": 17000, \"pid\": 8'"]
+                                      "'{\"t\": 17000, \"pid\": 8'"]
 
 
 def test_two_buckds_at_once_in_one_dir():
     lines = hand_log(*start(812, 900), s(901, "daemon.locked"), s(900, "daemon.exit"))
     assert lifecycle.check(lines) == [f"guarantee 1 (one buckd at a time): line 11 pid 901 daemon.locked "
-                            f"while pid 900's daemon.locked at line 4 is open (dir {DIR})"]
+                                      f"while pid 900's daemon.locked at line 4 is open (dir {DIR})"]
 
 
 def test_two_buckds_in_two_dirs_are_fine():
@@ -1432,7 +1432,7 @@ def test_two_buckds_in_two_dirs_are_fine():
 def test_a_section_opened_twice_by_one_pid():
     lines = hand_log(s(812, "restart.1"), s(812, "restart.1"))
     assert lifecycle.check(lines) == [f"guarantee 2 (one client starting/killing at a time): line 2 pid "
-                            f"812 restart.1 while its own restart.1 at line 1 is open (dir {DIR})"]
+                                      f"812 restart.1 while its own restart.1 at line 1 is open (dir {DIR})"]
 
 
 def test_two_clients_restarting_at_once():
@@ -1440,30 +1440,30 @@ def test_two_clients_restarting_at_once():
                 s(812, "restart.1"), s(812, "restart.2", daemon_pid=None),
                 s(813, "restart.1"), s(812, "restart.6"), s(813, "restart.6"))
     assert lifecycle.check(lines) == [f"guarantee 2 (one client starting/killing at a time): line 5 pid "
-                            f"813 restart.1 while pid 812's restart.1 at line 3 is open "
-                            f"(dir {DIR})"]
+                                      f"813 restart.1 while pid 812's restart.1 at line 3 is open "
+                                      f"(dir {DIR})"]
 
 
 def test_a_command_without_a_version_check():
     lines = hand_log(*start(812, 900)[:-1], s(812, "command", daemon_pid=900, name="hash"))
     assert lifecycle.check(lines) == ["guarantee 3 (a compatible version only): line 10 pid 812 command "
-                            "hash on buckd 900 with no earlier connect.3 of its own accepting "
-                            "buckd 900 at version 1a2b3c4d"]
+                                      "hash on buckd 900 with no earlier connect.3 of its own accepting "
+                                      "buckd 900 at version 1a2b3c4d"]
 
 
 def test_a_command_on_another_buckd_than_the_one_checked():
     lines = hand_log(*start(812, 900), s(812, "command", daemon_pid=901, name="hash"))
     assert lifecycle.check(lines) == ["guarantee 3 (a compatible version only): line 11 pid 812 command "
-                            "hash on buckd 901 with no earlier connect.3 of its own accepting "
-                            "buckd 901 at version 1a2b3c4d (its last connect.3, line 10, was for "
-                            "buckd 900)"]
+                                      "hash on buckd 901 with no earlier connect.3 of its own accepting "
+                                      "buckd 901 at version 1a2b3c4d (its last connect.3, line 10, was for "
+                                      "buckd 900)"]
 
 
 def test_a_command_on_a_buckd_another_client_checked():
     lines = hand_log(*start(812, 900), s(813, "command", daemon_pid=900, name="hash"))
     assert lifecycle.check(lines) == ["guarantee 3 (a compatible version only): line 11 pid 813 command "
-                            "hash on buckd 900 with no earlier connect.3 of its own accepting "
-                            "buckd 900 at version 1a2b3c4d"]
+                                      "hash on buckd 900 with no earlier connect.3 of its own accepting "
+                                      "buckd 900 at version 1a2b3c4d"]
 
 
 def test_accepting_a_mismatched_version():
@@ -1471,7 +1471,7 @@ def test_accepting_a_mismatched_version():
                 s(813, "connect.1", B, found=True),
                 s(813, "connect.3", B, daemon_pid=900, daemon_version=A, ok=True))
     assert lifecycle.check(lines) == ["guarantee 3 (a compatible version only): line 12 pid 813 accepted "
-                            "buckd 900 of version 1a2b3c4d, its own is 9f3e5d6c"]
+                                      "buckd 900 of version 1a2b3c4d, its own is 9f3e5d6c"]
 
 
 def test_a_command_on_a_buckd_whose_own_version_differs():
@@ -1481,8 +1481,8 @@ def test_a_command_on_a_buckd_whose_own_version_differs():
     lines[3]["version"] = lines[4]["version"] = A             # buckd 900 is of version A
     lines.append({**lines[-1], "step": "command", "name": "hash"})
     assert lifecycle.check(lines) == ["guarantee 3 (a compatible version only): line 11 pid 812 command "
-                            "hash on buckd 900, whose line 4 says version 1a2b3c4d; its own is "
-                            "9f3e5d6c"]
+                                      "hash on buckd 900, whose line 4 says version 1a2b3c4d; its own is "
+                                      "9f3e5d6c"]
 
 
 SIGKILLED_HOLDERS = hand_log(s(812, "connect.1", found=False), s(812, "restart.1"),   # 812 dies
@@ -1497,10 +1497,10 @@ def test_killed_closes_a_dead_holders_section():
 
 def test_without_killed_a_dead_holder_still_holds():
     assert lifecycle.check(SIGKILLED_HOLDERS) == [
-        f"guarantee 2 (one client starting/killing at a time): line 5 pid 813 restart.1 while "
-        f"pid 812's restart.1 at line 2 is open (dir {DIR})",
-        f"guarantee 1 (one buckd at a time): line 6 pid 901 daemon.locked while pid 900's "
-        f"daemon.locked at line 3 is open (dir {DIR})"]
+                                                  f"guarantee 2 (one client starting/killing at a time): line 5 pid 813 restart.1 while "
+                                                  f"pid 812's restart.1 at line 2 is open (dir {DIR})",
+                                                  f"guarantee 1 (one buckd at a time): line 6 pid 901 daemon.locked while pid 900's "
+                                                  f"daemon.locked at line 3 is open (dir {DIR})"]
 
 
 def test_killed_does_not_close_a_section_before_the_pids_last_line():
