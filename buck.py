@@ -48,7 +48,7 @@ EXIT_ALREADY_RUNNING = 3                # `buck daemon`: another buckd holds buc
 EXIT_PANIC = 101                        # buckd's panic(), as rust's panic exits
 EXIT_INTERRUPTED = 130                  # Ctrl-C: 128 + SIGINT
 
-STATUS_TIMEOUT = 5.0    # for a buckd to answer Status; then it is not usable
+STATUS_TIMEOUT = 5.0    # for a buckd to answer Status, or accept a command; else it is not usable
 KILL_TIMEOUT = 2.0      # for the Kill call itself
 EXIT_TIMEOUT = 5.0      # for buckd to exit once asked (then SIGKILL), and again after SIGKILL
 START_TIMEOUT = 30.0    # for `buck daemon` to report that buckd serves
@@ -345,8 +345,8 @@ class lifecycle_lock:
                            f"(held by: {whom})")
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, b"pid %d: %s\n" % (os.getpid(), b" ".join(map(os.fsencode, sys.argv))), 0)
+        trace["locked"] = True      # first: a Ctrl-C from here on still logs restart.6
         step("restart.1")
-        trace["locked"] = True
 
     def take(self):
         import fcntl

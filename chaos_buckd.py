@@ -150,7 +150,7 @@ class Soak:
         self.clients, self.decoys = {}, []      # pid -> Popen; Popens
         self.killed, self.interrupted, self.stopped = set(), set(), set()
         self.replaced, self.seen_buckds, self.panics, self.lost = set(), set(), set(), set()
-        self.ever_stopped = set()
+        self.ever_stopped, self.unexplained = set(), {}
         self.actions, self.outcomes, self.faults = (collections.Counter() for _ in range(3))
         self.failures, self.notices = collections.Counter(), collections.Counter()
         self.violations = collections.defaultdict(list)
@@ -327,11 +327,18 @@ class Soak:
             return
         pid = int(lost[1])
         with self.lock:
-            new = not any(pid in known for known in (self.killed, self.ever_stopped, self.lost))
+            if not any(pid in known for known in (self.killed, self.ever_stopped, self.lost)):
+                self.unexplained[pid] = self.label(proc)
             self.lost.add(pid)
-        if new:
-            self.violation("buckd died unexplained", f"{self.label(proc)} lost buckd {pid}, "
-                           "which we neither SIGKILLed nor SIGSTOPped nor crashed")
+
+    def check_lost_daemons(self, lines):
+        """At the end: a lost buckd that a client SIGKILLed as its last resort (its restart.3
+        says so: "sigkill") is explained too; any other is a violation."""
+        sigkilled = {x.get("daemon_pid") for x in lines if x.get("how") == "sigkill"}
+        for pid, label in self.unexplained.items():
+            if pid not in sigkilled:
+                self.violation("buckd died unexplained", f"{label} lost buckd {pid}, which "
+                               "neither we nor a client SIGKILLed, nor we SIGSTOPped, nor crashed")
 
     def normalise(self, line, proc):
         """Like messages alike: no temp paths, pids, ports or times; versions as the
@@ -551,15 +558,16 @@ class Soak:
     def lifecycle_check(self):
         """lifecycle.check() over the log, if lifecycle.py sits next to this file."""
         path = os.path.join(HERE, "lifecycle.py")
-        if not os.path.exists(path):
-            return "skipped: no lifecycle.py next to chaos_buckd.py"
-        if not os.path.exists(self.log):
-            return "skipped: no client or daemon wrote BUCK_LIFECYCLE_LOG"
+        if not os.path.exists(path) or not os.path.exists(self.log):
+            self.check_lost_daemons([])
+            return "skipped: no lifecycle.py next to chaos_buckd.py, or no log written"
         try:
             spec = importlib.util.spec_from_file_location("lifecycle", path)
             lifecycle = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(lifecycle)
-            found = lifecycle.check(lifecycle.load(self.log), killed=set(self.killed))
+            lines = lifecycle.load(self.log)
+            self.check_lost_daemons(lines)
+            found = lifecycle.check(lines, killed=set(self.killed))
         except Exception as e:
             self.violation("lifecycle checker failed", repr(e))
             return "failed"
@@ -609,6 +617,7 @@ def main(argv=None):
         sys.exit("chaos_buckd: needs Linux and a Python with grpc (.venv/bin/python)")
     soak = Soak(opts)
     lifecycle, hurry = "skipped: no run", True
+    signal.signal(signal.SIGTERM, signal.default_int_handler)   # clean up as on Ctrl-C
     try:
         soak.setup()
         soak.run()

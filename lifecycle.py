@@ -73,11 +73,14 @@ def check(lines, killed=()):
 def overlaps(lines, killed):
     """Guarantees 1 and 2: (line, message) for each section opened in a dir while another of
     its kind is open there. A killed pid's section ends at its last line: the kernel
-    released its lock when it died, after that line, before the next holder's first."""
+    released its lock when it died, after that line, before the next holder's first. A
+    buckd's section also ends at a client's restart.3 naming it: the client saw its lock free."""
     last = {x.get("pid"): n for n, x in enumerate(lines, 1)}
     held, found = {}, []                 # (guarantee, dir): {pid: line opening its section}
     for n, x in numbered(lines):
         pid, step = x["pid"], x["step"]
+        if step == "restart.3":          # a client saw that buckd's lock free: it is gone
+            held.get((1, x.get("dir")), {}).pop(x.get("daemon_pid"), None)
         g = OPENS.get(step) or CLOSES.get(step)
         if g is None:
             continue

@@ -1503,6 +1503,15 @@ def test_without_killed_a_dead_holder_still_holds():
                                                   f"daemon.locked at line 3 is open (dir {DIR})"]
 
 
+def test_a_clients_restart_3_closes_the_buckd_it_saw_gone():
+    """A client SIGKILLed a wedged buckd (no daemon.exit): its restart.3 ends that section."""
+    lines = hand_log(*start(812, 900), s(813, "restart.1"), s(813, "restart.2", daemon_pid=900),
+                     s(813, "restart.3", daemon_pid=900, how="sigkill"), s(901, "daemon.locked"),
+                     s(813, "restart.6"))
+    assert lifecycle.check(lines) == []
+    assert len(lifecycle.check(lines[:-3] + lines[-2:])) == 1     # without it: two buckd
+
+
 def test_killed_does_not_close_a_section_before_the_pids_last_line():
     lines = hand_log(s(900, "daemon.locked"), s(901, "daemon.locked"), s(900, "daemon.serving", port=1))
     assert len(lifecycle.check(lines, killed={900})) == 1
