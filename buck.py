@@ -116,15 +116,17 @@ def version():
 # step, for a test to act at that very moment.
 LOG_PATH, STOP_AT = os.environ.get(LOG_ENV), os.environ.get(STOP_AT_ENV)
 LOG_PATH = LOG_PATH and os.path.abspath(LOG_PATH)     # buckd's cwd is "/"
-trace = {"role": "client", "dir": None, "fd": None, "locked": False}   # buckd.main: role "daemon"
+trace = {"role": "client", "dir": None, "fd": None, "locked": False, "run": {}}  # buckd: "daemon"
 
 
 def step(name, /, **fields):
-    """Record that this process has taken step `name` of the doc."""
+    """Record that this process has taken step `name` of the doc. `run` tells apart two
+    processes that had the same pid (pids are reused, within a long soak too)."""
     if LOG_PATH:
         import json
-        line = {"t": time.time(), "pid": os.getpid(), "role": trace["role"], "version": version(),
-                "dir": trace["dir"], "step": name, **fields}
+        run = trace["run"].setdefault(os.getpid(), os.urandom(4).hex())
+        line = {"t": time.time(), "pid": os.getpid(), "run": run, "role": trace["role"],
+                "version": version(), "dir": trace["dir"], "step": name, **fields}
         try:
             if trace["fd"] is None:
                 trace["fd"] = os.open(LOG_PATH, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)

@@ -576,7 +576,12 @@ class Soak:
         for v in found:
             if v not in ours:
                 self.violation("lifecycle", v)
-        return f"{len(found)} violations, {len(ours)} skipped (guarantee 1, buckd.pid replaced)"
+        kept = ""
+        if len(found) > len(ours):      # keep the evidence: the temp dir goes away
+            kept = os.path.join(tempfile.gettempdir(), f"chaos_buckd-seed{self.opts.seed}.log")
+            shutil.copy(self.log, kept)
+            kept = f"; the log is kept in {kept}"
+        return f"{len(found)} violations, {len(ours)} skipped (guarantee 1, buckd.pid replaced){kept}"
 
     def report(self, lifecycle):
         out = [f"chaos_buckd: seed {self.opts.seed}, {self.opts.seconds:g} s, "

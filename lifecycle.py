@@ -70,32 +70,39 @@ def check(lines, killed=()):
     return [message for _, message in sorted(found + overlaps(lines, killed) + unchecked(lines))]
 
 
+def process(x):
+    """A process: its pid, and its `run` where the log has one (a pid can be reused)."""
+    return x["pid"], x.get("run")
+
+
 def overlaps(lines, killed):
     """Guarantees 1 and 2: (line, message) for each section opened in a dir while another of
     its kind is open there. A killed pid's section ends at its last line: the kernel
     released its lock when it died, after that line, before the next holder's first. A
     buckd's section also ends at a client's restart.3 naming it: the client saw its lock free."""
-    last = {x.get("pid"): n for n, x in enumerate(lines, 1)}
-    held, found = {}, []                 # (guarantee, dir): {pid: line opening its section}
+    last = {process(x): n for n, x in numbered(lines)}
+    held, found = {}, []                 # (guarantee, dir): {process: line opening its section}
     for n, x in numbered(lines):
-        pid, step = x["pid"], x["step"]
+        me, step = process(x), x["step"]
         if step == "restart.3":          # a client saw that buckd's lock free: it is gone
-            held.get((1, x.get("dir")), {}).pop(x.get("daemon_pid"), None)
+            gone = held.get((1, x.get("dir")), {})
+            for p in [p for p in gone if p[0] == x.get("daemon_pid")]:
+                del gone[p]
         g = OPENS.get(step) or CLOSES.get(step)
         if g is None:
             continue
         sections = held.setdefault((g, x.get("dir")), {})
         if step in CLOSES:
-            sections.pop(pid, None)
+            sections.pop(me, None)
             continue
         for other, m in list(sections.items()):
-            if other in killed and last[other] < n:
+            if other[0] in killed and last[other] < n:
                 del sections[other]
                 continue
-            whose = "its own" if other == pid else f"pid {other}'s"
-            found.append((n, f"guarantee {g} ({GUARANTEES[g]}): line {n} pid {pid} {step} "
+            whose = "its own" if other == me else f"pid {other[0]}'s"
+            found.append((n, f"guarantee {g} ({GUARANTEES[g]}): line {n} pid {me[0]} {step} "
                              f"while {whose} {step} at line {m} is open (dir {x.get('dir')})"))
-        sections[pid] = n
+        sections[me] = n
     return found
 
 
@@ -103,14 +110,13 @@ def unchecked(lines):
     """Guarantee 3: (line, message) for each connect.3 accepting a buckd of another version,
     and each command not preceded by its client's own accepting connect.3 of that buckd,
     or sent to a buckd whose own lines give another version."""
-    daemons = {}                         # (dir, pid): (version, its first line)
-    for n, x in numbered(lines):
-        if x.get("role") == "daemon":
-            daemons.setdefault((x.get("dir"), x["pid"]), (x.get("version"), n))
+    daemons = {}                         # (dir, pid): (version, its first line), the latest
     accepted, last_check, found = set(), {}, []
     for n, x in numbered(lines):
-        pid, version, dp = x["pid"], x.get("version"), x.get("daemon_pid")
-        said = f"guarantee 3 ({GUARANTEES[3]}): line {n} pid {pid}"
+        pid, version, dp = process(x), x.get("version"), x.get("daemon_pid")
+        said = f"guarantee 3 ({GUARANTEES[3]}): line {n} pid {pid[0]}"
+        if x.get("role") == "daemon" and daemons.get((x.get("dir"), pid[0]), (0, 0))[0] != version:
+            daemons[x.get("dir"), pid[0]] = (version, n)
         if x["step"] == "connect.3":
             last_check[pid] = n, dp
             if x.get("ok") and x.get("daemon_version") != version:

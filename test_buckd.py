@@ -1264,7 +1264,7 @@ def test_lifecycle_log_records_the_docs_steps(sb):
     assert lines[0]["found"] is False and lines[2]["daemon_pid"] is None
     assert lines[4]["port"] > 0
     assert lines[6]["daemon_pid"] == daemon and lines[9]["ok"] is True
-    assert lines[12] | {"t": 0} == {"t": 0, "pid": lines[12]["pid"], "role": "client",
+    assert lines[12] | {"t": 0} == {"t": 0, "pid": lines[12]["pid"], "run": lines[12]["run"], "role": "client",
                                     "version": version_of(), "dir": str(sb.dir()),
                                     "step": "command", "daemon_pid": daemon, "name": "hash"}
     assert lines[15]["path"] == "kill" and lines[15]["reason"] == f"`buck kill` was invoked by pid {k.pid}"
@@ -1510,6 +1510,17 @@ def test_a_clients_restart_3_closes_the_buckd_it_saw_gone():
                      s(813, "restart.6"))
     assert lifecycle.check(lines) == []
     assert len(lifecycle.check(lines[:-3] + lines[-2:])) == 1     # without it: two buckd
+
+
+def test_a_reused_pid_is_another_process():
+    """Pids are reused: a SIGKILLed holder's pid, reused by a later client, still lets the
+    killed one's section end at its own last line (`run` tells the two apart)."""
+    lines = hand_log(s(812, "restart.1"), s(813, "restart.1"), s(813, "restart.6"),
+                     s(812, "connect.1", found=True))
+    lines[0]["run"], lines[3]["run"] = "a", "b"
+    assert lifecycle.check(lines, killed={812}) == []
+    del lines[0]["run"], lines[3]["run"]            # without run ids: one process, still open
+    assert len(lifecycle.check(lines, killed={812})) == 1
 
 
 def test_killed_does_not_close_a_section_before_the_pids_last_line():
