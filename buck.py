@@ -608,7 +608,10 @@ def interrupted(*_):
     """Ctrl-C, once grpc may be loaded: exit at once (a KeyboardInterrupt could land in a grpc
     finalizer, which swallows it). Our connection's end stops our command in buckd."""
     if trace["locked"]:
-        step("restart.6")
+        try:
+            step("restart.6")
+        except Exception:           # we interrupted step("restart.1") itself (its first
+            pass                    # `import json`): restart.1 was not written either
     os._exit(EXIT_INTERRUPTED)
 
 

@@ -332,11 +332,13 @@ class Soak:
             self.lost.add(pid)
 
     def check_lost_daemons(self, lines):
-        """At the end: a lost buckd that a client SIGKILLed as its last resort (its restart.3
-        says so: "sigkill") is explained too; any other is a violation."""
+        """At the end: a lost buckd is explained too if a client SIGKILLed it as its last
+        resort (a restart.3 says "sigkill"), or if it had begun a clean shutdown whose grace
+        for running commands ran out (its daemon.shutdown line); any other is a violation."""
         sigkilled = {x.get("daemon_pid") for x in lines if x.get("how") == "sigkill"}
+        stopping = {x["pid"] for x in lines if x.get("step") == "daemon.shutdown"}
         for pid, label in self.unexplained.items():
-            if pid not in sigkilled:
+            if pid not in sigkilled | stopping:
                 self.violation("buckd died unexplained", f"{label} lost buckd {pid}, which "
                                "neither we nor a client SIGKILLed, nor we SIGSTOPped, nor crashed")
 
@@ -577,7 +579,7 @@ class Soak:
             if v not in ours:
                 self.violation("lifecycle", v)
         kept = ""
-        if len(found) > len(ours):      # keep the evidence: the temp dir goes away
+        if len(found) > len(ours) or self.violations:   # keep the evidence: the temp dir goes
             kept = os.path.join(tempfile.gettempdir(), f"chaos_buckd-seed{self.opts.seed}.log")
             shutil.copy(self.log, kept)
             kept = f"; the log is kept in {kept}"
