@@ -19,7 +19,7 @@ $(VENV)/.installed: requirements.txt
 $(STUBS): daemon.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. daemon.proto
 
-# A short real session in this checkout (its daemon dir is under your $$HOME/.buck): start
+# A short real session in this checkout (its daemon dir is under your $HOME/.buck): start
 # buckd, then hash Python's standard library twice: cold, then reusing buckd's cache.
 demo: setup
 	@set -e; buck() { echo "\$$ buck $$*" >&2; $(PY) buck.py "$$@"; }; \

@@ -225,6 +225,7 @@ def measure_busy_daemon(b):
     status = b.fresh_daemon()
     idle, = alternate(lambda: b.buck("status"))
     grpc, pb, _, metadata = grpc_client(b)
+    stubs = [grpc_client(b)[2] for _ in range(4)]   # a few connections, as clients would
     streams = []
     for i in range(BUSY):
         accepted = threading.Event()
@@ -232,8 +233,7 @@ def measure_busy_daemon(b):
             yield pb.CommandRequest(name="debug sleep", args=[b"600"], cwd=b"/")
             accepted.wait()
             yield pb.CommandRequest()
-        stub = grpc_client(b)[2] if i % 25 == 0 else stub
-        streams.append((stub.Command(messages(), metadata=metadata, timeout=600), accepted))
+        streams.append((stubs[i % 4].Command(messages(), metadata=metadata, timeout=600), accepted))
     for stream, accepted in streams:
         next(stream)
         accepted.set()

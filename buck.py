@@ -1,11 +1,8 @@
 #!/usr/bin/env python3
-"""buck: the client of buckd, the buck daemon.
-
-The spec is buck2's daemon_lifecycle.md (https://github.com/facebook/buck2/blob/main/
-app/buck2_daemon/daemon_lifecycle.md); comments quote its sections. `help`, `version` and
-argument errors need no daemon and no grpc; every other command connects to a buckd of
-this client's version ("client connection and buckd startup") and asks it. Slow imports
-(json, subprocess, grpc) happen where needed: `help` starts as fast as Python itself.
+"""buck: the client of buckd, the buck daemon. The spec is buck2's daemon_lifecycle.md
+(https://github.com/facebook/buck2/blob/main/app/buck2_daemon/daemon_lifecycle.md); comments
+quote its sections. `help`, `version` and argument errors need no daemon and no grpc; slow
+imports (json, subprocess, grpc) happen where needed, so `help` starts as fast as Python.
 """
 import os
 import sys
@@ -284,7 +281,7 @@ def restart(d, isolation, seen, problem):
         wait_if_starting(d)
         if read_file(os.path.join(d, INFO_FILE)) != seen:
             return
-        info = read_info(d)
+        info = parse_info(seen)
         if info and holder(d) is None:                  # it died, leaving its files behind
             keep_logs(d)
             say(f"{DAEMON} crashed, see {crash_log(d, info['pid'])}")
@@ -471,6 +468,7 @@ def run_command(d, isolation, name, operands, options):
     import queue
     import threading
     load_grpc()
+    refusals = {grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE, grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_FAILED}
     request = pb.CommandRequest(name=name, args=[os.fsencode(a) for a in operands],
                                 options=options, cwd=os.fsencode(os.getcwd()))
     for _ in range(ATTEMPTS):
@@ -486,10 +484,8 @@ def run_command(d, isolation, name, operands, options):
             accepted.set()          # the go-ahead: from here on, never resend
             break
         stream.cancel()             # buckd went away before it accepted: it ran nothing
-        refused = isinstance(event, grpc.Call) and {grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
-                                                    grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_FAILED}.get(event.code())
-        if refused:
-            raise Fail(f"{DAEMON} refused the command: {event.details()}", refused)
+        if isinstance(event, grpc.Call) and event.code() in refusals:
+            raise Fail(f"{DAEMON} refused the command: {event.details()}", refusals[event.code()])
     else:
         raise Fail(f"{DAEMON} did not accept the command")
     step("command", daemon_pid=conn.pid, name=name)

@@ -216,7 +216,7 @@ def remove_info_if_ours(d, pid_fd, info_id):
     """Remove buckd.info if it is the one we wrote and buckd.pid the one we hold: never the
     files of a newer buckd (ours may have been replaced)."""
     try:
-        if (os.stat(os.path.join(d, PID_FILE)).st_ino == os.fstat(pid_fd).st_ino
+        if (os.path.samestat(os.stat(os.path.join(d, PID_FILE)), os.fstat(pid_fd))
                 and file_id(os.path.join(d, INFO_FILE)) == info_id):
             os.unlink(os.path.join(d, INFO_FILE))
     except OSError:
@@ -269,7 +269,7 @@ def check_files_still_ours(d, pid_fd, info_id):
         ours, there = os.fstat(pid_fd), os.stat(os.path.join(d, PID_FILE))
     except OSError:
         return f"{PID_FILE} was removed"
-    if (ours.st_dev, ours.st_ino) != (there.st_dev, there.st_ino):
+    if not os.path.samestat(ours, there):
         return f"{PID_FILE} was replaced"
     if os.pread(pid_fd, 64, 0) != f"{os.getpid()}\n".encode():
         return f"{PID_FILE} names another process"
@@ -319,7 +319,7 @@ class DaemonApi:
 
     def __init__(self, d, version, wake, pid_fd):
         self.dir, self.version, self.wake, self.port = d, version, wake, 0
-        self.pid_fd, self.pid_file = pid_fd, (os.fstat(pid_fd).st_dev, os.fstat(pid_fd).st_ino)
+        self.pid_fd, self.pid_stat = pid_fd, os.fstat(pid_fd)
         self.token = os.urandom(16).hex()
         self.start_time, self.last_used = time.time(), time.monotonic()  # last: for idleness
         self.lock = threading.Lock()
@@ -366,9 +366,8 @@ class DaemonApi:
                 self.active.add(stop)
                 self.last_used = time.monotonic()
         if refused:                 # not accepted: the client may send it elsewhere
-            context.abort(grpc.StatusCode.UNAVAILABLE if self.reason else grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{DAEMON} is shutting down" if self.reason else
-                          f"{DAEMON} is busy: {MAX_COMMANDS} commands are running")
+            context.abort(*((grpc.StatusCode.UNAVAILABLE, f"{DAEMON} is shutting down") if self.reason else
+                            (grpc.StatusCode.RESOURCE_EXHAUSTED, f"{DAEMON} is busy: {MAX_COMMANDS} commands are running")))
         if not context.add_callback(stop.set):      # the call ends: the client went away
             stop.set()
         try:
@@ -408,13 +407,13 @@ class DaemonApi:
         entry = self.digests.get(key)
         if entry and entry.startswith(stamp):
             return entry[STAMP.size:]
-        if (st.st_dev, st.st_ino) == self.pid_file:     # ours: read it through our own fd
+        if os.path.samestat(st, self.pid_stat):         # ours: read it through our own fd
             return hashlib.sha256(os.pread(self.pid_fd, 1 << 16, 0)).hexdigest().encode()
         started, sha, size = time.time_ns(), hashlib.sha256(), 0
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)   # never hang on a FIFO
             st = os.fstat(fd)       # the file we read, wherever the path leads now
-            if (st.st_dev, st.st_ino) == self.pid_file:     # closing it would drop our lock:
+            if os.path.samestat(st, self.pid_stat):     # closing it would drop our lock:
                 return OSError(0, f"{DAEMON}'s own {PID_FILE}")  # keep the fd, never close it
             try:
                 while stat.S_ISREG(st.st_mode) and (chunk := os.read(fd, READ_SIZE)):

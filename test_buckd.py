@@ -141,6 +141,10 @@ class Sandbox:
         """The pid of the only buckd of this test, once the others are gone."""
         return wait_for(lambda: len(d := self.daemons()) == 1 and d[0], what="exactly one buckd")
 
+    def holder(self):
+        """Who holds buckd.pid's lock, or None (also while there is no buckd.pid yet)."""
+        return lock_holder(self.dir() / "buckd.pid") if (self.dir() / "buckd.pid").exists() else None
+
     def lines(self):
         return lifecycle.load(self.log) if self.log.exists() else []
 
@@ -940,8 +944,7 @@ def test_ctrl_c_during_a_cold_start_keeps_the_daemon(sb):
     buckd (whose launcher may be gone) keeps serving, and the next command uses it."""
     client = sb.spawn("server", env={"BUCK_LIFECYCLE_STOP_AT": "daemon.locked"},
                       process_group=0)
-    pid = wait_for(lambda: lock_holder(sb.dir() / "buckd.pid") if (sb.dir() / "buckd.pid").exists() else None,
-                   what="buckd to lock buckd.pid")
+    pid = wait_for(sb.holder, what="buckd to lock buckd.pid")
     wait_for(lambda: stopped(pid), what="buckd to stop at daemon.locked")
     os.killpg(client.pid, signal.SIGINT)
     assert client.wait(timeout=20) == 130
@@ -955,8 +958,7 @@ def test_launcher_killed_while_buckd_starts_is_survived(sb):
     """A `buck daemon` launcher killed by a signal: the client neither fails with an empty
     reason nor kills the buckd that is starting; it uses it once it serves."""
     client = sb.spawn("server", "--json", env={"BUCK_LIFECYCLE_STOP_AT": "daemon.locked"})
-    pid = wait_for(lambda: lock_holder(sb.dir() / "buckd.pid") if (sb.dir() / "buckd.pid").exists() else None,
-                   what="buckd to lock buckd.pid")
+    pid = wait_for(sb.holder, what="buckd to lock buckd.pid")
     wait_for(lambda: stopped(pid))
     launcher = next(p for p in sb.processes() if b"daemon" in cmdline(p) and p != pid)
     os.kill(launcher, signal.SIGKILL)
@@ -1050,18 +1052,17 @@ def test_no_grpc_is_one_line_for_every_command(sb):
 
 
 def test_ctrl_c_once_buck_py_runs_exits_130_quietly(sb):
-    """Ctrl-C at any moment once buck.py's own code runs (its imports done: the `-X
-    importtime` line of buck's first import marks it) exits 130 without a traceback."""
+    """Ctrl-C once buck.py's own code runs, at a step of the protocol, while holding
+    lifecycle.lock or during a command, exits 130 without a traceback."""
     sb.buck("server")
-    for when in ("version", "connect.1", "connect.3", "restart.1"):
+    for when in ("command", "connect.1", "connect.3", "restart.1"):
         if when == "restart.1":
             (sb.dir() / "buckd.info").write_text("{corrupt")
-        env = {"BUCK_LIFECYCLE_STOP_AT": when} if when != "version" else {}
-        client = sb.spawn("server", env=env)
-        if when == "version":
+        if when == "command":
             client = sb.spawn("debug", "sleep", "10")
             assert client.stdout.readline()     # running in buckd
         else:
+            client = sb.spawn("server", env={"BUCK_LIFECYCLE_STOP_AT": when})
             wait_for(lambda: stopped(client.pid), what=f"the client to stop at {when}")
         os.kill(client.pid, signal.SIGINT)
         if stopped(client.pid):
