@@ -1,44 +1,37 @@
 #!/usr/bin/env python3
 """buck: the client of buckd, the buck daemon. The spec is buck2's daemon_lifecycle.md
-(https://github.com/facebook/buck2/blob/main/app/buck2_daemon/daemon_lifecycle.md); comments
-quote its sections. `help`, `version` and argument errors need no daemon and no grpc; slow
-imports (json, subprocess, grpc) happen where needed, so `help` starts as fast as Python.
+(https://github.com/facebook/buck2/blob/main/app/buck2_daemon/daemon_lifecycle.md); this file
+holds, in its order: the commands that need no daemon, the daemon directory, "client connection
+and buckd startup" and "buck kill and other daemon restarts". buckd.py holds "daemon process
+flow"; workload.py the commands buckd runs. `help`, `version` and argument errors need no
+daemon and no grpc: slow imports (json, subprocess, grpc) happen where they are needed.
 """
 import os
 import sys
 import time
 
-# --- The names a vendoring user changes (README, "Vendoring"): here, once; buckd.py imports
-# them. Renaming TOOL and DAEMON renames everything else.
+# --- The names a vendoring user changes (README, "Vendoring"): here, once; buckd.py and
+# workload.py import them. Renaming TOOL and DAEMON renames everything else.
 TOOL, DAEMON = "buck", "buckd"          # the command and its daemon, in messages and usage
-SOURCES = ("buck.py", "buckd.py", "daemon.proto")   # the version: a checksum of these files
+WORKLOAD = "workload"                   # the module of the commands buckd runs
+SOURCES = ("buck.py", "buckd.py", f"{WORKLOAD}.py", "daemon.proto",        # the version: a
+           "daemon_pb2.py", "daemon_pb2_grpc.py")                          # checksum of these
 STATE_DIR = f".{TOOL}"                  # daemon dirs: $HOME/.buck/buckd/<repo root>/<isolation>
 MARKER = f".{TOOL}config"               # .buckconfig: marks a repository's root
 DEFAULT_ISOLATION = "v2"                # the isolation dir when --isolation-dir is not given
 PID_FILE, INFO_FILE = f"{DAEMON}.pid", f"{DAEMON}.info"            # buckd.pid, buckd.info
 STDOUT_FILE, STDERR_FILE = f"{DAEMON}.stdout", f"{DAEMON}.stderr"  # buckd.stdout, buckd.stderr
+END_FILE = f"{DAEMON}.end"              # buckd.end: how the last buckd ended (or that it runs)
 LOCK_FILE, PREV_DIR = "lifecycle.lock", "prev"
 TOKEN_KEY = f"{DAEMON}-token"           # buckd-token: the gRPC metadata with buckd's token
+# The environment: what buckd alone reads or sets is named after the daemon (BUCKD_...), what
+# every process of the tool reads after the tool (BUCK_...).
 CHECK_INTERVAL_ENV = f"{DAEMON.upper()}_CHECK_INTERVAL"    # BUCKD_CHECK_INTERVAL
 IDLE_TIMEOUT_ENV = f"{DAEMON.upper()}_IDLE_TIMEOUT"        # BUCKD_IDLE_TIMEOUT
+STARTED_ENV = f"{DAEMON.upper()}_STARTED_BECAUSE"          # a client tells the buckd it starts why
+INSTANCE_ENV = f"{DAEMON.upper()}_INSTANCE"                # buckd marks the processes it runs
 LOG_ENV = f"{TOOL.upper()}_LIFECYCLE_LOG"                  # BUCK_LIFECYCLE_LOG
 STOP_AT_ENV = f"{TOOL.upper()}_LIFECYCLE_STOP_AT"          # BUCK_LIFECYCLE_STOP_AT
-
-# --- The commands, once: their usage and their parser are made from this table. "[--x]" is
-# a flag, "[--x=V]" an option with a value, "P" an operand, "P..." one or more, "[P...]" any
-# number; no help text: hidden. Those not in LOCAL_COMMANDS run in buckd's HANDLERS[name].
-COMMANDS = {
-    "help": ("", "show this message"),
-    "version": ("", "print this client's version"),
-    "status": ("[--json]", f"report the running {DAEMON}; never starts one"),
-    "server": ("[--json]", f"make sure a {DAEMON} of this version runs, then report it"),
-    "kill": ("", f"stop the running {DAEMON}"),
-    "hash": ("PATH...", f"print SHA-256 digests as sha256sum does, computed and cached by {DAEMON}"),
-    "daemon": ("[--foreground]", None),
-    "debug sleep": ("SECONDS", None),
-    "debug crash": ("", None),
-}
-USAGE_LINE = f"{TOOL} [--isolation-dir NAME] COMMAND ..."
 
 EXIT_FAILED, EXIT_USAGE = 1, 2          # a failure, said in one line; bad arguments
 EXIT_ALREADY_RUNNING = 3                # `buck daemon`: another buckd holds buckd.pid
@@ -46,6 +39,7 @@ EXIT_PANIC = 101                        # buckd's panic(), as rust's panic exits
 EXIT_INTERRUPTED = 130                  # Ctrl-C: 128 + SIGINT
 
 STATUS_TIMEOUT = 5.0    # for a buckd to answer Status, or accept a command; else it is not usable
+RECHECK_TIMEOUT = 1.0   # for it to answer once more, before we kill it: maybe *we* were paused
 KILL_TIMEOUT = 2.0      # for the Kill call itself
 EXIT_TIMEOUT = 5.0      # for buckd to exit once asked (then SIGKILL), and again after SIGKILL
 START_TIMEOUT = 30.0    # for `buck daemon` to report that buckd serves
@@ -54,10 +48,16 @@ LOCK_PATIENCE = 1.0     # after this long waiting for lifecycle.lock, say for wh
 POLL_INTERVAL = 0.005   # between two looks at a condition we wait for
 ATTEMPTS = 4            # restarts and resends before we give up on a fight over buckd
 TAIL_LINES = 20         # of a dead buckd's stderr, quoted in the report
+CHECK_INTERVAL = 100.0  # buckd's self-check: "every 100s or so" (BUCKD_CHECK_INTERVAL)
+IDLE_TIMEOUT = 3 * 3600.0   # as Bazel's --max_idle_secs (BUCKD_IDLE_TIMEOUT; 0: never)
+MIN_IDLE = 1.0          # a shorter idle timeout would end buckd before its client connects
+MAX_SECONDS = 1e7       # the longest duration we accept (115 days)
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 grpc = pb = pb_grpc = None      # imported by load_grpc(), by the commands that talk to buckd
 _version = None
+own_pid_file = None             # in buckd: the stat of the buckd.pid whose lock it holds
+kept_fds = []                   # in buckd: fds of that file, opened by a race, never closed
 
 
 class Fail(Exception):
@@ -69,17 +69,79 @@ class Fail(Exception):
 
 
 def say(message):
-    print(f"{TOOL}: {message}", file=sys.stderr, flush=True)
+    """One line on stderr: `buck: message`."""
+    to_stderr(f"{TOOL}: {message}\n".encode(errors="backslashreplace"))
 
 
-def read_file(path):
-    """The file's bytes, or None if it cannot be read (missing, a directory, ...). Never waits
-    on a FIFO."""
+def to_stderr(data):
+    """Write to stderr; if it is closed or full, nothing: there is no one to tell."""
     try:
-        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
-            return f.read()
+        os.write(2, data)
+    except OSError:
+        pass
+
+
+def out(data):
+    """Write all of data (str or bytes) to stdout, or fail: a result that cannot be written
+    is a failure (a full disk, a closed stdout), not a traceback."""
+    view = memoryview(data.encode() if isinstance(data, str) else data)
+    try:
+        while view:
+            view = view[os.write(1, view):]
+    except OSError as e:
+        raise Fail(f"cannot write output: {e.strerror}") from None
+
+
+def shown(name):
+    """A name from outside (a path, an operand, a file's text) as every message shows it: its
+    control characters and undecodable bytes escaped (one line, no terminal escapes), and an
+    empty name as ''."""
+    text = os.fsdecode(name) if isinstance(name, bytes) else name
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text) or "''"
+
+
+def standard_fds():
+    """Make fds 0, 1 and 2 valid before anything is opened: else a pipe or socket we open may
+    land there, and our output go into it. A closed one becomes /dev/null, read-only: writing
+    to it fails, as it would have (the daemon redirects all three anyway)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.dup2(os.open(os.devnull, os.O_RDONLY), fd)    # the lowest free fd: this one
+
+
+def open_file(path, flags=os.O_RDONLY):
+    """os.open that never waits (on a FIFO) and never gains a terminal; in buckd, it never
+    closes an fd of the buckd.pid it holds, which would drop its POSIX lock (buckd.py,
+    lock_pid_file): it refuses that file, and an fd of it opened by a race is kept."""
+    if own_pid_file and os.path.exists(path) and os.path.samestat(os.stat(path), own_pid_file):
+        raise OSError(1, f"{DAEMON}'s own {PID_FILE}, which it holds", path)
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o600)
+    if own_pid_file and os.path.samestat(os.fstat(fd), own_pid_file):
+        kept_fds.append(fd)
+        raise OSError(1, f"{DAEMON}'s own {PID_FILE}, which it holds", path)
+    return fd
+
+
+def read_file(path, limit=-1):
+    """The file's bytes (at most `limit`), or None if it cannot be read (missing, a FIFO...)."""
+    try:
+        with open(open_file(path), "rb") as f:
+            return f.read(limit)
     except OSError:
         return None
+
+
+def write_atomically(path, data):
+    """Write a whole file under its final name at once, mode 0600: never seen half-written."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def poll(condition, timeout, interval=POLL_INTERVAL):
@@ -92,44 +154,212 @@ def poll(condition, timeout, interval=POLL_INTERVAL):
     return True
 
 
+def seconds(text, name, low, high):
+    """A number from outside (the environment, an operand): plain decimal, from low to high;
+    else a usage error naming it. The one parser of numbers."""
+    if text.isascii() and text.replace(".", "", 1).isdigit() and low <= float(text) <= high:
+        return float(text)
+    raise Fail(f"{name} must be seconds from {low:g} to {high:g}, not {shown(text)}", EXIT_USAGE)
+
+
+def daemon_settings():
+    """buckd's durations from the environment, checked before anything starts: (check
+    interval, idle timeout or None for never)."""
+    def setting(name, default, low):
+        text = os.environ.get(name)
+        return default if text is None else seconds(text, name, low, MAX_SECONDS)
+    interval, idle = setting(CHECK_INTERVAL_ENV, CHECK_INTERVAL, 0.01), setting(IDLE_TIMEOUT_ENV, IDLE_TIMEOUT, 0)
+    if 0 < idle < MIN_IDLE:
+        raise Fail(f"{IDLE_TIMEOUT_ENV} must be 0 (never) or at least {MIN_IDLE:g} s: a shorter "
+                   f"one ends {DAEMON} before its client can use it", EXIT_USAGE)
+    return interval, idle or None
+
+
+# --- "There's a small set of commands/arguments that don't require the daemon (`buck help`,
+# cli arg parse failures, `buck version`, ...)"
+
+COMMANDS = {            # name: (usage, help); no help: hidden. workload.COMMANDS adds its own.
+    "help": ("", "show this message"),
+    "version": ("", "print this client's version"),
+    "status": ("[--json] [--all]", f"report the running {DAEMON} (--all: every one of yours); start none"),
+    "server": ("[--json]", f"make sure the {DAEMON} of this version runs, then report it"),
+    "kill": ("", f"stop the running {DAEMON}"),
+    "killall": ("", f"stop every {DAEMON} of yours, in every repository"),
+    "daemon": ("", None),
+}
+USAGE_LINE = f"{TOOL} [--isolation-dir NAME] COMMAND ..."
+
+
+def commands():
+    """Every command: ours, then the workload's (from the one module buckd loads too)."""
+    try:
+        workload = __import__(WORKLOAD)
+    except ImportError as e:
+        raise Fail(f"{e}: {WORKLOAD}.py, the commands {DAEMON} runs, belongs beside {shown(__file__)}")
+    return {**COMMANDS, **{name: entry[:2] for name, entry in workload.COMMANDS.items()}}
+
+
 def version():
-    """A checksum of SOURCES: every edit is a new buck build. (zlib imports in 0.1 ms, hashlib 6.)"""
+    """A checksum of SOURCES, read once per process: every edit is a new buck build."""
     global _version
     if _version is None:
-        import zlib
-        crc = 0
-        for name in SOURCES:
-            data = read_file(os.path.join(HERE, name))
-            if data is None:
-                raise Fail(f"cannot read {os.path.join(HERE, name)} (listed in SOURCES)")
-            crc = zlib.crc32(data, crc)
-        _version = f"{crc:08x}"
+        _version = checksum()
     return _version
 
 
-# --- The lifecycle log (README, "Watching the protocol"): with BUCK_LIFECYCLE_LOG=PATH every
-# client and buckd appends a JSON line per step of the doc it takes, for lifecycle.py to check
-# and draw. With BUCK_LIFECYCLE_STOP_AT=STEP a process stops itself (SIGSTOP) right after that
-# step, for a test to act at that very moment.
+def checksum():
+    import zlib                     # (0.1 ms; hashlib costs 6)
+    crc = 0
+    for name in SOURCES:
+        data = read_file(os.path.join(HERE, name))
+        if data is None:
+            raise Fail(f"cannot read {shown(os.path.join(HERE, name))}, one of SOURCES (daemon_pb2*.py "
+                       "are generated from daemon.proto, see README.md)")
+        crc = zlib.crc32(data, crc)
+    return f"{crc:08x}"
+
+
+def parse(argv):
+    """argv -> (isolation dir, command, operands, options) as commands() says; options are
+    {name: value}, "" for a flag."""
+    isolation, argv, table = DEFAULT_ISOLATION, list(argv), commands()
+    while argv and argv[0].split("=")[0] == "--isolation-dir":
+        word = argv.pop(0)
+        isolation = word.partition("=")[2] if "=" in word else (argv.pop(0) if argv else "")
+        if not isolation or "/" in isolation or isolation in (".", ".."):
+            raise Fail(f"bad --isolation-dir {shown(isolation)}: a name, not a path (usage: {USAGE_LINE})", EXIT_USAGE)
+    name = max((n for n in table if argv[:len(n.split())] == n.split()), key=len, default=None)
+    if name is None:
+        raise Fail(f"{f'unknown command {shown(argv[0])}' if argv else 'no command'} "
+                   f"(usage: {USAGE_LINE}; see `{TOOL} help`)", EXIT_USAGE)
+    try:
+        operands, options = parse_words(name, argv[len(name.split()):])
+        check_usage(name, operands, options)
+    except Fail as e:
+        raise Fail(usage_error(name, e), EXIT_USAGE) from None
+    return isolation, name, operands, options
+
+
+def parse_words(name, argv):
+    """A command's words -> (operands, options)."""
+    words, operands, options, takes = iter(argv), [], {}, options_of(name)
+    for word in words:
+        key, has_value, value = word.partition("=")
+        if word == "--":
+            operands += words
+        elif not word.startswith("--"):
+            operands.append(word)
+        elif key not in takes or has_value and not takes[key]:
+            raise Fail(f"unknown option {shown(word)}", EXIT_USAGE)
+        elif key[2:] in options:
+            raise Fail(f"{key} given twice", EXIT_USAGE)
+        elif takes[key] and not has_value and (value := next(words, None)) is None:
+            raise Fail(f"{key} needs a value", EXIT_USAGE)
+        else:
+            options[key[2:]] = value
+    return operands, options
+
+
+def options_of(name):
+    """{"--x": whether it takes a value} for the options that a command's usage names."""
+    return {w.strip("[]").split("=")[0]: "=" in w for w in commands()[name][0].split() if w.startswith("[--")}
+
+
+def check_usage(name, operands, options):
+    """Fail (exit 2) unless the operands and options fit the command's usage. The client
+    checks before sending; buckd again, for any other client."""
+    unknown = sorted(set(options) - {key[2:] for key in options_of(name)})
+    if unknown:
+        raise Fail(f"unknown option --{shown(unknown[0])}", EXIT_USAGE)
+    slots = [w for w in commands()[name][0].split() if not w.startswith("[--")]
+    least = sum(not w.startswith("[") for w in slots)
+    most = float("inf") if any(w.rstrip("]").endswith("...") for w in slots) else len(slots)
+    if not least <= len(operands) <= most:
+        raise Fail(f"{'missing' if len(operands) < least else 'extra'} operand(s)", EXIT_USAGE)
+
+
+def usage_error(name, message):
+    """The one form of a usage error, wherever it is found: `NAME: MESSAGE (usage: ...)`."""
+    return f"{name}: {message} (usage: {' '.join([TOOL, name, commands()[name][0]]).strip()})"
+
+
+def usage():
+    shown_commands = [(f"{name} {args}".strip(), text) for name, (args, text) in commands().items() if text]
+    width = max(len(left) for left, _ in shown_commands) + 2
+    lines = "".join(f"  {left:<{width}}{text}\n" for left, text in shown_commands)
+    return (f"usage: {USAGE_LINE}\n\ncommands:\n{lines}\noptions:\n  --isolation-dir NAME  "
+            f"use a separate {DAEMON} (default {DEFAULT_ISOLATION}), with its own daemon dir\n")
+
+
+def main(argv):
+    """`buck ARGV`: returns the exit code. Every failure is one line on stderr."""
+    standard_fds()
+    try:
+        if not argv or argv[0] in ("help", "-h", "--help"):
+            if not argv:
+                to_stderr(usage().encode())
+                return EXIT_USAGE
+            out(usage())
+            return 0
+        isolation, name, operands, options = parse(argv)
+        if name == "version":
+            out(f"{TOOL} {version()}\n")
+            return 0
+        if name == "daemon":
+            import buckd
+            return buckd.main(daemon_dir(isolation), repository_root())
+        import signal
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `buck hash | head` ends quietly
+        signal.signal(signal.SIGINT, interrupted)
+        if name in LOCAL_COMMANDS:
+            return LOCAL_COMMANDS[name](isolation, options)
+        return run_command(daemon_dir(isolation), isolation, name, operands, options)
+    except Fail as e:
+        say(e)
+        return e.code
+    except OSError as e:
+        say(f"{shown(e.filename)}: {e.strerror}" if e.filename else e)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def interrupted(*_):
+    """Ctrl-C, once grpc may be loaded: exit at once (a KeyboardInterrupt could land in a grpc
+    finalizer, which swallows it). Our connection's end stops our command in buckd."""
+    if trace["locked"]:
+        try:
+            step("restart.6")
+        except Exception:           # we interrupted step("restart.1") itself (its first
+            pass                    # `import json`): restart.1 was not written either
+    os._exit(EXIT_INTERRUPTED)
+
+
+# --- The lifecycle log (docs/lifecycle-log.md): with BUCK_LIFECYCLE_LOG=PATH every client and
+# buckd appends a JSON line per step of the doc it takes, for tools/lifecycle.py to check and
+# draw. With BUCK_LIFECYCLE_STOP_AT=STEP a process stops itself (SIGSTOP) right after that step.
 LOG_PATH, STOP_AT = os.environ.get(LOG_ENV), os.environ.get(STOP_AT_ENV)
 LOG_PATH = LOG_PATH and os.path.abspath(LOG_PATH)     # buckd's cwd is "/"
-trace = {"role": "client", "dir": None, "fd": None, "locked": False, "run": {}}  # buckd: "daemon"
+trace = {"role": "client", "dir": None, "locked": False, "run": {}}     # buckd: "daemon"
 
 
 def step(name, /, **fields):
     """Record that this process has taken step `name` of the doc. `run` tells apart two
-    processes that had the same pid (pids are reused, within a long soak too)."""
+    processes that had the same pid. The log never fails a command and never holds an fd:
+    a tty, /dev/stderr (a launcher's pipe) or a FIFO are opened, written and closed."""
     if LOG_PATH:
         import json
         run = trace["run"].setdefault(os.getpid(), os.urandom(4).hex())
         line = {"t": time.time(), "pid": os.getpid(), "run": run, "role": trace["role"],
                 "version": version(), "dir": trace["dir"], "step": name, **fields}
         try:
-            if trace["fd"] is None:
-                trace["fd"] = os.open(LOG_PATH, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            os.write(trace["fd"], json.dumps(line).encode() + b"\n")   # one write: lines never mix
+            fd = open_file(LOG_PATH, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            try:
+                os.write(fd, json.dumps(line).encode() + b"\n")     # one write: lines never mix
+            finally:
+                os.close(fd)
         except OSError:
-            pass                    # the log is there to watch: it never fails a command
+            pass
     if name == STOP_AT:
         import signal
         os.kill(os.getpid(), signal.SIGSTOP)
@@ -137,39 +367,61 @@ def step(name, /, **fields):
 
 # --- "a directory in $HOME/.buck specific to that repository+output directory"
 
-def daemon_dir(isolation):
-    """$HOME/.buck/buckd/<repo root without its leading />/<isolation dir>."""
+def daemons_home():
+    """$HOME/.buck/buckd: every daemon dir of this user is below it."""
     home = os.environ.get("HOME")
     if not home:
         raise Fail(f"HOME is not set: {DAEMON} keeps its files in $HOME/{STATE_DIR}")
+    return os.path.join(os.path.abspath(home), STATE_DIR, DAEMON)
+
+
+def repository_root():
+    """The nearest ancestor of the cwd (itself included) that holds MARKER."""
     cwd = root = os.getcwd()
     while not os.path.isfile(os.path.join(root, MARKER)):
         if root == os.path.dirname(root):
-            raise Fail(f"not in a {TOOL} repository: no {MARKER} in {cwd} or its parents")
+            raise Fail(f"not in a repository: no {MARKER} in {shown(cwd)} or its parents")
         root = os.path.dirname(root)
-    return os.path.join(os.path.abspath(home), STATE_DIR, DAEMON, root.lstrip("/"), isolation)
+    return root
+
+
+def daemon_dir(isolation):
+    """$HOME/.buck/buckd/<repo root without its leading />/<isolation dir>."""
+    d = trace["dir"] = os.path.join(daemons_home(), repository_root().lstrip("/"), isolation)
+    return d
+
+
+def make_private_dirs(d):
+    """Create d and its missing parents, each 0700: no other user may list them."""
+    old = os.umask(0o077)
+    try:
+        os.makedirs(d, exist_ok=True)
+    finally:
+        os.umask(old)
 
 
 def parse_info(raw):
-    """buckd.info as a dict, or None if it is not a complete one (missing, corrupt, cut)."""
+    """buckd.info as a dict, or None if it is not a complete, valid one, whatever is wrong."""
     import json
     try:
         info = json.loads(raw or b"")
-        if all(type(info[k]) is t for k, t in (("pid", int), ("port", int), ("version", str),
-                                                ("auth_token", str))):
+        if (all(type(info.get(k)) is t for k, t in (("pid", int), ("port", int), ("version", str),
+                                                     ("auth_token", str), ("start_time", float)))
+                and 0 < info["port"] < 65536 and info["auth_token"].isascii() and info["auth_token"].isalnum()):
             return info
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, RecursionError, AttributeError):
         pass
     return None
 
 
 def read_info(d):
-    return parse_info(read_file(os.path.join(d, INFO_FILE)))
+    return parse_info(read_file(os.path.join(d, INFO_FILE), 1 << 16))
 
 
-# "only a single daemon is allowed at a time": the one holding the lock on buckd.pid. buckd
-# holds it as a POSIX record lock, so that the kernel can tell which process holds it
-# (F_GETLK), without anyone taking it. The file's text is for humans: it can lie.
+def instance(info):
+    """What tells one buckd from any other, now or later, without its secret token."""
+    return f"{info['pid']}@{info['start_time']!r}"
+
 
 def lock_holder(fd):
     """The pid holding a write lock on fd's file, or None. It asks; it takes nothing."""
@@ -183,14 +435,17 @@ def lock_holder(fd):
 
 
 def holder(d):
-    """The pid of the running buckd as the kernel knows it, or None if none runs. (0 is a
-    holder in another pid namespace: alive, but not ours to signal.)"""
+    """The pid of the running buckd as the kernel knows it (who holds buckd.pid's lock, a POSIX
+    record lock: see buckd.lock_pid_file), or None if none runs. (0 is a holder in another pid
+    namespace: alive, but not ours to signal.)"""
     try:
-        fd = os.open(os.path.join(d, PID_FILE), os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_file(os.path.join(d, PID_FILE))
     except OSError:
         return None
     try:
         return lock_holder(fd)
+    except OSError:                 # not a file one can lock (a FIFO): no buckd holds it
+        return None
     finally:
         os.close(fd)
 
@@ -207,7 +462,8 @@ def load_grpc():
         try:
             import grpc as grpc_module, daemon_pb2, daemon_pb2_grpc
         except ImportError as e:
-            raise Fail(f"{e}: run `make setup`, then use .venv/bin/python (see README.md)")
+            raise Fail(f"{e}: {TOOL} needs grpcio and protobuf, and daemon_pb2*.py generated "
+                       f"from daemon.proto in {shown(HERE)} (see README.md)")
         finally:
             if quiet:               # grpc has read it by now
                 del os.environ["GRPC_VERBOSITY"]
@@ -227,8 +483,8 @@ class Connection:
         self.stub = pb_grpc.DaemonApiStub(self.channel)
         self.metadata = ((TOKEN_KEY, info["auth_token"]),)
 
-    def status(self):
-        return self.stub.Status(pb.StatusRequest(), timeout=STATUS_TIMEOUT, metadata=self.metadata)
+    def status(self, timeout=STATUS_TIMEOUT):
+        return self.stub.Status(pb.StatusRequest(), timeout=timeout, metadata=self.metadata)
 
     def kill(self, reason):
         """Ask buckd to shut down. False if the call failed (wedged, or gone already)."""
@@ -243,71 +499,105 @@ def rpc_error(e):
     return f"{e.code().name}: {e.details()}" if isinstance(e, grpc.Call) else str(e)
 
 
+# Why a client (re)starts buckd: the outcomes of steps 1-3 that are not a connection, named.
+NO_DAEMON, CORRUPT, NOT_USABLE, MISMATCH, VANISHED = (
+    "no daemon", "corrupt info", "not usable", "version mismatch", "vanished")
+
+
 def connect(d, isolation):
     """Steps 1-3 of "client connection", and a (re)start when they fail (ATTEMPTS times at most):
     a Connection to a buckd of this client's version, and its Status reply."""
     for _ in range(ATTEMPTS):
-        raw = read_file(os.path.join(d, INFO_FILE))     # 1. read buckd.info
+        raw = read_file(os.path.join(d, INFO_FILE), 1 << 16)    # 1. read buckd.info
         step("connect.1", found=raw is not None)
-        conn, reply, problem = check_version(raw)       # 2-3. connect, check the version
+        conn, reply, why = check_version(raw)                   # 2-3. connect, check the version
         if conn:
             return conn, reply
-        restart(d, isolation, raw, problem)
+        restart(d, isolation, raw, why)
     raise Fail(f"gave up after {ATTEMPTS} attempts: {DAEMON} keeps being replaced "
                "(is a client of another version running?)")
 
 
-def check_version(raw):
+def check_version(raw, timeout=STATUS_TIMEOUT):
     """Steps 2-3: connect to the buckd that `raw` (buckd.info) names, ask its Status. Returns
-    (connection, reply, None), or (None, None, why buckd must be (re)started)."""
+    (connection, reply, None), or (None, None, (outcome, why buckd must be (re)started))."""
     info = parse_info(raw)
     if info is None:
-        return None, None, f"{INFO_FILE} is corrupt: starting {DAEMON}" if raw else f"starting {DAEMON}"
+        return None, None, (CORRUPT, f"{INFO_FILE} is corrupt") if raw else (NO_DAEMON, f"no {DAEMON} was running")
     conn = Connection(info)
     try:
-        reply = conn.status()
+        reply = conn.status(timeout)
     except grpc.RpcError as e:
-        return None, None, f"{DAEMON} (pid {info['pid']}) is not usable ({rpc_error(e)}): restarting"
+        return None, None, (NOT_USABLE, f"{DAEMON} (pid {info['pid']}) is not usable ({rpc_error(e)})")
     step("connect.3", daemon_pid=reply.pid, daemon_version=reply.version, ok=reply.version == version())
     if reply.version != version():
-        return None, None, f"{DAEMON} version mismatch (daemon {reply.version}, client {version()}): restarting"
+        return None, None, (MISMATCH, f"{DAEMON} version mismatch (daemon {reply.version}, client {version()})")
     return conn, reply, None
 
 
-def restart(d, isolation, seen, problem):
-    """"To start/restart the buckd process", steps 1-6; unless, once we hold the lock, buckd.info
-    is no longer what we have `seen`: another client has just started a buckd, and we use it."""
-    with lifecycle_lock(d):                             # 1. (6. on leaving)
-        wait_if_starting(d)
-        if read_file(os.path.join(d, INFO_FILE)) != seen:
+def restart(d, isolation, seen, why):
+    """"To start/restart the buckd process", steps 1-6; then the caller repeats the connection
+    steps. Unless, once we hold the lock, the buckd we saw (`seen`: buckd.info's bytes) no
+    longer needs it: another client has just started one, or it answers after all."""
+    with lifecycle_lock(d):                             # 1. lock the "lifecycle.lock" file
+        if another_client_restarted(d, seen) or answers_now(seen, why):
             return
-        info = parse_info(seen)
-        if info and holder(d) is None:                  # it died, leaving its files behind
-            keep_logs(d)
-            say(f"{DAEMON} crashed, see {crash_log(d, info['pid'])}")
-            problem = f"starting {DAEMON}"
-        say(problem)
-        kill_daemon(d, f"{DAEMON} was restarted by pid {os.getpid()} (client version {version()})")
-        start_daemon(d, isolation)                      # 4-5.
+        why = explain(d, seen, why)
+        may_restart(seen, why)
+        say(f"{'starting' if why[0] in (NO_DAEMON, VANISHED) else 'restarting'} {DAEMON}: {why[1]}")
+        kill_daemon(d, f"{DAEMON} was restarted by pid {os.getpid()}: {why[1]}")   # 2-3. kill; exited?
+        start_daemon(d, isolation, why)                 # 4-5. run `buck daemon`, wait until ready
+    # 6. release the "lifecycle.lock" file (on leaving `with`)
 
 
-def wait_if_starting(d):
-    """A buckd that locked buckd.pid less than START_TIMEOUT ago and that buckd.info does not
-    name yet is starting (maybe for an interrupted client): wait for it, rather than kill it."""
+def another_client_restarted(d, seen):
+    """Did another client start buckd since we read `seen`? A buckd that it may have started
+    and that buckd.info does not name yet (locked less than START_TIMEOUT ago) is waited for."""
     pid, named = holder(d), lambda: (read_info(d) or {}).get("pid") == pid
     try:
         age = time.time() - os.stat(os.path.join(d, PID_FILE)).st_mtime
     except OSError:
-        return
-    if pid and age < START_TIMEOUT and not named():
+        age = START_TIMEOUT
+    if pid and 0 <= age < START_TIMEOUT and not named():
         poll(lambda: holder(d) != pid or named(), START_TIMEOUT - age)
+    return read_file(os.path.join(d, INFO_FILE), 1 << 16) != seen
+
+
+def answers_now(seen, why):
+    """A buckd that did not answer in time may have been healthy while *we* were paused (Ctrl-Z,
+    a laptop's sleep): ask that very buckd (its token) once more before we kill it."""
+    return why[0] == NOT_USABLE and check_version(seen, RECHECK_TIMEOUT)[0] is not None
+
+
+def explain(d, seen, why):
+    """Why we start buckd, with how the last one ended. If the buckd that `seen` names died
+    without removing it, say so with its log's tail, and keep its logs in prev/."""
+    info = parse_info(seen)
+    if info and holder(d) is None:
+        keep_logs(d)
+        say(f"{DAEMON} crashed, see {crash_log(d, info['pid'])}")
+        return VANISHED, f"{DAEMON} (pid {info['pid']}) crashed or vanished ({how_it_ended(d) or 'no record'})"
+    end = how_it_ended(d) if why[0] == NO_DAEMON else None
+    return why[0], why[1] + (f" (the last one, {end})" if end else "")
+
+
+def may_restart(seen, why):
+    """Fail rather than restart if this client's own files changed since it started (the
+    buckd it would start is of another version), or if it runs inside that very buckd."""
+    if checksum() != version():
+        raise Fail(f"{TOOL}'s files changed on disk since this command started (an upgrade?): "
+                   f"run it again; killing nothing")
+    info = parse_info(seen)
+    if info and why[0] != VANISHED and os.environ.get(INSTANCE_ENV) == instance(info):
+        raise Fail(f"this command runs inside {DAEMON} (pid {info['pid']}), which it would have "
+                   f"to restart ({why[1]}): refusing to kill the {DAEMON} that runs it")
 
 
 def keep_logs(d):
-    """Move buckd.stdout and buckd.stderr into prev/, where they outlive the next start
-    (done by buckd as it starts, and by a client that finds buckd dead)."""
-    os.makedirs(os.path.join(d, PREV_DIR), 0o700, exist_ok=True)
-    for name in (STDOUT_FILE, STDERR_FILE):
+    """Move buckd.stdout, buckd.stderr and buckd.end into prev/, where they outlive the next
+    start (done by buckd as it starts, and by a client that finds buckd dead)."""
+    make_private_dirs(os.path.join(d, PREV_DIR))
+    for name in (STDOUT_FILE, STDERR_FILE, END_FILE):
         try:
             os.replace(os.path.join(d, name), os.path.join(d, PREV_DIR, name))
         except FileNotFoundError:
@@ -320,7 +610,38 @@ def crash_log(d, pid):
             (os.path.join(d, STDERR_FILE), os.path.join(d, PREV_DIR, STDERR_FILE))]
     path, text = next(((p, t) for p, t in logs if f" pid {pid} ".encode() in t[:200]), logs[0])
     lines = text[-8192:].decode(errors="replace").splitlines()[-TAIL_LINES:]
-    return path + "".join(f"\n  | {line}" for line in lines)
+    return shown(path) + "".join(f"\n  | {line}" for line in lines)
+
+
+def how_it_ended(d):
+    """How the last buckd of d ended, in words, from its END_FILE (in d or, once the logs have
+    moved, in prev/), or None if none is known. buckd writes the file as it starts and as it
+    ends: a file that still says it runs is a buckd that vanished without a word."""
+    for where in (d, os.path.join(d, PREV_DIR)):
+        end = end_record(where)
+        if end.get("how"):
+            return f"pid {end['pid']} ended by {end['how']}: {end['why']}"
+        if end:
+            return f"pid {end['pid']} vanished without a word (SIGKILL, or out of memory?)"
+    return None
+
+
+def end_record(where):
+    """END_FILE in dir `where` as a dict ({"pid", and once it ended "how" and "why"}), or {}."""
+    import json
+    try:
+        end = json.loads(read_file(os.path.join(where, END_FILE), 1 << 16) or b"")
+        return end if type(end) is dict and type(end.get("pid")) is int else {}
+    except (ValueError, RecursionError):
+        return {}
+
+
+def record_end(d, pid, how, why):
+    """Write how buckd `pid` ended, unless that is written already: a client that kills it by
+    a signal writes who and why first (a signal does not say), and buckd keeps that."""
+    import json
+    if end_record(d).get("pid") != pid or not end_record(d).get("how"):
+        write_atomically(os.path.join(d, END_FILE), json.dumps({"pid": pid, "how": how, "why": why}).encode())
 
 
 # "When the client is killing or starting the buckd process, it will grab an exclusive lock
@@ -333,15 +654,14 @@ class lifecycle_lock:
         self.d = d
 
     def __enter__(self):
-        os.makedirs(self.d, 0o700, exist_ok=True)
-        self.fd = os.open(os.path.join(self.d, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        make_private_dirs(self.d)
+        self.fd = open_file(os.path.join(self.d, LOCK_FILE), os.O_RDWR | os.O_CREAT)
         if not poll(self.take, LOCK_PATIENCE):
-            whom = one_line(os.pread(self.fd, 200, 0))
+            whom = shown(os.pread(self.fd, 200, 0).decode(errors="replace").strip())
             say(f"waiting for another {TOOL} client to finish starting or killing {DAEMON}: {whom}")
             if not poll(self.take, LOCK_TIMEOUT):
                 os.close(self.fd)
-                raise Fail(f"timed out after {LOCK_TIMEOUT:.0f} s waiting for {LOCK_FILE} "
-                           f"(held by: {whom})")
+                raise Fail(f"timed out after {LOCK_TIMEOUT:.0f} s waiting for {LOCK_FILE} (held by: {whom})")
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, b"pid %d: %s\n" % (os.getpid(), b" ".join(map(os.fsencode, sys.argv))), 0)
         trace["locked"] = True      # first: a Ctrl-C from here on still logs restart.6
@@ -361,12 +681,6 @@ class lifecycle_lock:
         os.close(self.fd)           # our only fd of it: closing it releases the flock
 
 
-def one_line(raw):
-    """Text from a file, safe to print: one line, control characters escaped."""
-    text = raw.decode(errors="replace").strip() or "?"
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
-
-
 def kill_daemon(d, reason):
     """Steps 2-3 of "start/restart": send buckd a kill, then make sure, by pid, that it has exited
     (SIGTERM if the call fails, SIGKILL as the last resort). Returns the pid, or None."""
@@ -378,33 +692,38 @@ def kill_daemon(d, reason):
     info, how = read_info(d), "rpc"
     if not (info and info["pid"] == pid and Connection(info).kill(reason)):
         how = "sigterm"             # the same request, as a signal: buckd exits cleanly
-        signal_buckd(d, pid, signal.SIGTERM)
+        signal_buckd(d, pid, signal.SIGTERM, reason)
     gone = lambda: holder(d) != pid
     if not poll(gone, EXIT_TIMEOUT):
         how = "sigkill"
-        signal_buckd(d, pid, signal.SIGKILL)
+        signal_buckd(d, pid, signal.SIGKILL, reason)
         if not poll(gone, EXIT_TIMEOUT):
             raise Fail(f"could not kill {DAEMON} (pid {pid})")
     step("restart.3", daemon_pid=pid, how=how)
     return pid
 
 
-def signal_buckd(d, pid, sig):
+def signal_buckd(d, pid, sig, reason):
     """Signal pid only if the kernel says it holds buckd.pid's lock: never a process that a
-    stale or forged buckd.pid names, never 0 or 1 (a process group, init), never us."""
+    stale or forged buckd.pid names, never 0 or 1 (a process group, init), never us. First
+    record who kills it and why: a signal does not say."""
     if pid > 1 and pid != os.getpid() and holder(d) == pid:
+        record_end(d, pid, "kill", f"{reason} ({sig.name})")
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass                    # it has just exited
 
 
-def start_daemon(d, isolation):
-    """Steps 4-5 of "start/restart": run `buck daemon`, which exits once buckd serves."""
+def start_daemon(d, isolation, why):
+    """Steps 4-5 of "start/restart": run `buck daemon`, which exits once buckd serves. Why we
+    start it, and who we are, go to buckd in its environment (argv is public in `ps`)."""
+    import json
     import subprocess
-    proc = subprocess.Popen([sys.executable, os.path.realpath(__file__), "--isolation-dir",
-                             isolation, "daemon"], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    told = json.dumps({"why": why[1], "by": f"pid {os.getpid()}: {shown(' '.join(sys.argv))}"})
+    proc = subprocess.Popen([sys.executable, os.path.realpath(__file__), "--isolation-dir", isolation, "daemon"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, STARTED_ENV: told})
     load_grpc()                     # our own grpc import overlaps the daemon's start
     try:
         _, err = proc.communicate(timeout=START_TIMEOUT)
@@ -413,53 +732,119 @@ def start_daemon(d, isolation):
         proc.wait()
         kill_daemon(d, "it did not start in time")
         raise Fail(f"{DAEMON} did not start within {START_TIMEOUT:.0f} s, see {crash_log(d, None)}")
-    step("restart.4", exit=proc.returncode)
+    step("restart.4", exit=proc.returncode, why=why[1])
     if proc.returncode == 0:
         step("restart.5", daemon_pid=holder(d))
     elif proc.returncode > 0 and proc.returncode != EXIT_ALREADY_RUNNING:
-        why = (err.decode(errors="replace").strip().splitlines() or ["no reason given"])[-1]
-        raise Fail(f"{DAEMON} failed to start: {why.removeprefix(f'{TOOL}: ')}")
+        said = (err.decode(errors="replace").strip().splitlines() or ["no reason given"])[-1]
+        raise Fail(f"{DAEMON} failed to start: {said.removeprefix(f'{TOOL}: ')}")
     # Else a buckd was started behind our back (exit 3), or `buck daemon` was killed: buckd
     # may be up or not. Either way the connect loop sees to it.
 
 
-# --- Commands
+# --- "buck kill and other daemon restarts", and the commands that report daemons
 
-def cmd_status(d, isolation, operands, options):
-    """Report the running buckd, whatever its version; never start one."""
-    info, pid = read_info(d), holder(d)
-    if info and info["pid"] == pid:
-        conn = Connection(info)
-        try:
-            return print_status(conn.status(), "json" in options)
-        except grpc.RpcError as e:
-            if not (e.code() == grpc.StatusCode.UNAVAILABLE and poll(lambda: holder(d) != pid, EXIT_TIMEOUT)):
-                raise Fail(f"{DAEMON} (pid {pid}) is not responding: {rpc_error(e)}")
-            pid = None                  # it was shutting down, and now it is gone
-    if pid is not None:
-        raise Fail(f"{DAEMON} (pid {pid}) runs, but {INFO_FILE} does not name it (starting?)")
-    print(f"no {DAEMON} running")   # (a buckd.info left behind names a dead buckd)
-    return 0
-
-
-def cmd_server(d, isolation, operands, options):
-    """Make sure a buckd of this client's version runs, then report it."""
-    return print_status(connect(d, isolation)[1], "json" in options)
-
-
-def print_status(reply, as_json):
-    import json
-    fields = {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
-    print(json.dumps(fields) if as_json else f"{DAEMON} is running" + "".join(f"\n  {k}: {v}" for k, v in fields.items()))
-    return 0
-
-
-def cmd_kill(d, isolation, operands, options):
-    """`buck kill`: steps 1-3 and 6 of "start/restart"."""
+def cmd_kill(isolation, options):
+    """`buck kill`: steps 1-3 and 6 of "start/restart". The user's word: it stands even for a
+    command running inside that buckd."""
+    d = daemon_dir(isolation)
     with lifecycle_lock(d):
         pid = kill_daemon(d, f"`{TOOL} kill` was invoked by pid {os.getpid()}")
-    print(f"{DAEMON} killed (pid {pid})" if pid is not None else f"no {DAEMON} running")
+    out(f"{DAEMON} killed (pid {pid})\n" if pid is not None else f"no {DAEMON} running\n")
     return 0
+
+
+def cmd_killall(isolation, options):
+    """`buck killall`: `kill` in every daemon dir of this user, each under its own lock, but
+    never the buckd that runs this very command. Exit 1 if any is left running."""
+    failures = 0
+    for d in all_daemon_dirs():
+        trace["dir"] = d
+        try:
+            with lifecycle_lock(d):
+                info = read_info(d)
+                if holder(d) is None or info and os.environ.get(INSTANCE_ENV) == instance(info):
+                    continue
+                pid = kill_daemon(d, f"`{TOOL} killall` was invoked by pid {os.getpid()}")
+            out(f"{DAEMON} killed (pid {pid}) in {shown(d)}\n")
+        except (Fail, OSError) as e:
+            say(f"{shown(d)}: {e}")
+            failures += 1
+    return EXIT_FAILED if failures else 0
+
+
+def all_daemon_dirs():
+    """Every daemon dir under $HOME/.buck/buckd: a dir that holds buckd.pid or buckd.info."""
+    return sorted(top for top, _, files in os.walk(daemons_home()) if PID_FILE in files or INFO_FILE in files)
+
+
+def cmd_server(isolation, options):
+    """Make sure a buckd of this client's version runs, then report it."""
+    return print_status([status_fields(connect(daemon_dir(isolation), isolation)[1])], "json" in options)
+
+
+def cmd_status(isolation, options):
+    """Report the running buckd, whatever its version; never start one. --all: every buckd of
+    this user, all asked at once, so that wedged ones cost one timeout in all."""
+    every = "all" in options
+    asked = [(d, *ask_status(d)) for d in (all_daemon_dirs() if every else [daemon_dir(isolation)])]
+    rows = [status_row(*row, patience=0 if every else EXIT_TIMEOUT) for row in asked]
+    if not every and rows[0]["state"] not in ("running", "dead", "none"):
+        raise Fail(f"{DAEMON} (pid {rows[0]['pid']}) is {rows[0]['state']}")
+    return print_status([row for row in rows if row["state"] != "none" or not every], "json" in options, every)
+
+
+def ask_status(d):
+    """(pid, info, call): who holds d's buckd.pid, d's buckd.info and, if it names that pid,
+    a Status call to it, under way."""
+    pid, info = holder(d), read_info(d)
+    if not (info and info["pid"] == pid):
+        return pid, info, None
+    conn = Connection(info)
+    return pid, info, conn.stub.Status.future(pb.StatusRequest(), timeout=STATUS_TIMEOUT, metadata=conn.metadata)
+
+
+def status_row(d, pid, info, call, patience):
+    """What `status` says of daemon dir d: a dict whose state is running, not responding,
+    starting, dead (buckd.info names no lock holder) or none (no buckd.info either)."""
+    if call:
+        try:
+            return status_fields(call.result())
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or not poll(lambda: holder(d) != pid, patience):
+                return {"daemon_dir": d, "pid": pid, "state": f"not responding: {rpc_error(e)}"}
+            pid = None              # it was shutting down, and now it is gone
+    state = "starting, not named in buckd.info yet" if pid is not None else "dead" if info else "none"
+    return {"daemon_dir": d, "pid": (info or {}).get("pid") if pid is None else pid, "state": state,
+            "previous_end": how_it_ended(d) or ""}
+
+
+def status_fields(reply):
+    """A Status reply as a dict: its fields, and the workload's figures among them."""
+    fields = {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields if f.name != "figures"}
+    return {"state": "running", **fields, **dict(reply.figures)}
+
+
+def print_status(rows, as_json, every=False):
+    import json
+    if as_json:
+        out(json.dumps(rows if every else rows[0]) + "\n")
+    elif every:
+        out("".join(status_line(row) + "\n" for row in rows) or f"no {DAEMON} running\n")
+    elif rows[0]["state"] == "running":
+        out(f"{DAEMON} is running" + "".join(f"\n  {k}: {v}" for k, v in rows[0].items() if k != "state") + "\n")
+    else:
+        end = rows[0]["previous_end"]
+        out(f"no {DAEMON} running\n" + (f"the last one, {end}\n" if end else ""))
+    return 0
+
+
+def status_line(row):
+    """One line of `status --all`."""
+    if row["state"] != "running":
+        return f"{shown(row['daemon_dir'])}: {row['state']} (pid {row['pid']})"
+    return (f"{shown(row['daemon_dir'])}: pid {row['pid']}, version {row['version']}, up {row['uptime_s']:.0f} s, "
+            f"{row['active_commands']} running, idle {row['idle_s']:.0f} s, started because: {row['started_because']}")
 
 
 def run_command(d, isolation, name, operands, options):
@@ -491,10 +876,10 @@ def run_command(d, isolation, name, operands, options):
     step("command", daemon_pid=conn.pid, name=name)
     while isinstance(event := events.get(), pb.CommandEvent):
         kind = event.WhichOneof("event")
-        if kind in ("stdout", "stderr"):
-            out = sys.stdout if kind == "stdout" else sys.stderr
-            out.buffer.write(getattr(event, kind))
-            out.flush()
+        if kind == "stdout":
+            out(event.stdout)
+        elif kind == "stderr":
+            to_stderr(event.stderr)
         elif kind == "exit_code":
             return event.exit_code
         elif kind == "shutdown":
@@ -525,101 +910,12 @@ def handshake(request, accepted):
     yield pb.CommandRequest()
 
 
-# --- The command line
-
-def parse(argv):
-    """argv -> (isolation dir, command, operands, options) as COMMANDS says; options are
-    {name: value}, "" for a flag."""
-    isolation, argv = DEFAULT_ISOLATION, list(argv)
-    while argv and argv[0].split("=")[0] == "--isolation-dir":
-        word = argv.pop(0)
-        isolation = word.partition("=")[2] if "=" in word else (argv.pop(0) if argv else "")
-        if not isolation or "/" in isolation or isolation in (".", ".."):
-            raise Fail(f"bad --isolation-dir {isolation!r}: a name, not a path (usage: {USAGE_LINE})", EXIT_USAGE)
-    name = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else " ".join(argv[:1])
-    if name not in COMMANDS:
-        raise Fail(f"{f'unknown command {name!r}' if name else 'no command'} "
-                   f"(usage: {USAGE_LINE}; see `{TOOL} help`)", EXIT_USAGE)
-    spec = COMMANDS[name][0].split()
-    usage = f"(usage: {' '.join([TOOL, name, *spec])})"
-    takes = {w.strip("[]").split("=")[0]: "=" in w for w in spec if w.startswith("[--")}
-    slots = [w for w in spec if not w.startswith("[--")]
-    words, operands, options = iter(argv[len(name.split()):]), [], {}
-    for word in words:
-        key, has_value, value = word.partition("=")
-        if word == "--":
-            operands += words
-        elif not word.startswith("--"):
-            operands.append(word)
-        elif key not in takes or has_value and not takes[key]:
-            raise Fail(f"{name}: unknown option {word!r} {usage}", EXIT_USAGE)
-        elif takes[key] and not has_value and (value := next(words, None)) is None:
-            raise Fail(f"{name}: {key} needs a value {usage}", EXIT_USAGE)
-        else:
-            options[key[2:]] = value
-    least = sum(not w.startswith("[") for w in slots)
-    most = float("inf") if any(w.rstrip("]").endswith("...") for w in slots) else len(slots)
-    if not least <= len(operands) <= most:
-        raise Fail(f"{name}: {'missing' if len(operands) < least else 'extra'} operand(s) {usage}", EXIT_USAGE)
-    return isolation, name, operands, options
-
-
-def usage():
-    commands = "".join(f"  {f'{name} {args}':<17}{text}\n" for name, (args, text) in COMMANDS.items() if text)
-    return (f"usage: {USAGE_LINE}\n\ncommands:\n{commands}\noptions:\n  --isolation-dir NAME  "
-            f"use a separate {DAEMON} (default {DEFAULT_ISOLATION}), with its own daemon dir\n")
-
-
-def main(argv):
-    """`buck ARGV`: returns the exit code. Every failure is one line on stderr."""
-    try:
-        if not argv or argv[0] in ("help", "-h", "--help"):
-            print(usage(), end="", file=sys.stdout if argv else sys.stderr)
-            return 0 if argv else EXIT_USAGE
-        isolation, name, operands, options = parse(argv)
-        if name == "version":
-            print(f"{TOOL} {version()}")
-            return 0
-        d = trace["dir"] = daemon_dir(isolation)
-        if name == "daemon":
-            import buckd
-            return buckd.main(d, "foreground" in options)
-        import signal
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `buck hash | head` ends quietly
-        signal.signal(signal.SIGINT, interrupted)
-        if name in LOCAL_COMMANDS:
-            return LOCAL_COMMANDS[name](d, isolation, operands, options)
-        return run_command(d, isolation, name, operands, options)
-    except Fail as e:
-        say(e)
-        return e.code
-    except OSError as e:
-        say(f"{e.filename}: {e.strerror}" if e.filename else e)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-
-
-def interrupted(*_):
-    """Ctrl-C, once grpc may be loaded: exit at once (a KeyboardInterrupt could land in a grpc
-    finalizer, which swallows it). Our connection's end stops our command in buckd."""
-    if trace["locked"]:
-        try:
-            step("restart.6")
-        except Exception:           # we interrupted step("restart.1") itself (its first
-            pass                    # `import json`): restart.1 was not written either
-    os._exit(EXIT_INTERRUPTED)
-
-
-LOCAL_COMMANDS = {"status": cmd_status, "server": cmd_server, "kill": cmd_kill}
+LOCAL_COMMANDS = {"status": cmd_status, "server": cmd_server, "kill": cmd_kill, "killall": cmd_killall}
 
 if __name__ == "__main__":
-    sys.modules.setdefault("buck", sys.modules["__main__"])    # buckd imports us as `buck`
+    sys.modules.setdefault("buck", sys.modules["__main__"])    # buckd and workload import us
     try:
         code = main(sys.argv[1:])
-        sys.stdout.flush()
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
-    except BrokenPipeError:
-        code = EXIT_FAILED          # our reader went away (`buck help | head -1`)
     os._exit(code)                  # skip interpreter teardown: grpc's threads make it slow

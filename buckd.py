@@ -1,57 +1,42 @@
-"""buckd: the buck daemon ("daemon process flow" in buck2's daemon_lifecycle.md).
-
-`buck daemon` calls main(): it daemonizes, locks buckd.pid, serves the DaemonApi on
-loopback and writes buckd.info; only then does `buck daemon` exit 0. buckd serves until one
-of the doc's three ways to shut down (the Kill call; its files no longer naming it; a panic,
-a bug of its own), or a signal (SIGTERM, SIGINT), or BUCKD_IDLE_TIMEOUT without a client.
-
-Commands run here, each a generator in HANDLERS named as in buck.COMMANDS: it gets the
-request (operands as bytes, options, the client's cwd) and an Event set when it must stop;
-it yields output events and returns its exit code, or None if it was stopped.
+"""buckd: the buck daemon. This file holds "daemon process flow" of buck2's daemon_lifecycle.md
+(https://github.com/facebook/buck2/blob/main/app/buck2_daemon/daemon_lifecycle.md), in its
+order: `buck daemon` daemonizes (main); buckd locks buckd.pid, redirects its output, serves
+the DaemonApi and writes buckd.info (run); then it serves until one of the ways to shut down
+(serve). The commands it runs are workload.py's, through one seam: workload.COMMANDS.
 """
 import fcntl
-import hashlib
 import hmac
 import json
 import os
 import select
 import signal
 import stat
-import struct
 import sys
 import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import buck
 from buck import DAEMON, INFO_FILE, PID_FILE, STDERR_FILE, STDOUT_FILE, TOOL, step
 
-CHECK_INTERVAL = 100.0      # "every 100s or so" (BUCKD_CHECK_INTERVAL)
-IDLE_TIMEOUT = 3 * 3600.0   # as Bazel's --max_idle_secs (BUCKD_IDLE_TIMEOUT; 0: never)
-MAX_SECONDS = 1e7           # the longest interval or timeout we accept (115 days)
-GRACE = 2.0                 # seconds running commands get, at shutdown, to say why they end
-MAX_COMMANDS = 256          # commands running at once; one more is refused: buckd is busy
-SPARE_THREADS = 16          # server threads beyond those: Status and Kill never queue
-RACY_NS = 20_000_000        # a file changed this close to its hashing may change unseen...
-COARSE_RACY_NS = 2_000_000_000  # ...or this close, where timestamps are whole seconds
-CACHE_LIMIT = 1_000_000     # digests kept; past that the cache starts afresh
-READ_SIZE = 1 << 20         # bytes per read when hashing
-CHUNK = 64 * 1024           # bytes of output per stream message
-STAMP = struct.Struct("qqq")    # size, mtime_ns, ctime_ns: while unchanged, so is the digest
-grpc = pb = None            # imported after daemonizing: grpc must not cross a fork
+GRACE = 2.0             # seconds running commands get, at shutdown, to say why they end
+MAX_COMMANDS = 256      # commands running at once; one more is refused: buckd is busy
+SPARE_THREADS = 16      # server threads beyond those: Status and Kill never queue
+grpc = pb = workload = None     # imported after daemonizing: grpc must not cross a fork
+ours = {}               # "dir" and "pid_fd" once buckd.pid is locked: what a panic records in
 
 
-def main(d, foreground=False):
-    """`buck daemon`: start buckd for daemon dir `d`. Returns `buck daemon`'s exit code: 0
-    once buckd serves, 3 if another buckd holds buckd.pid, 2 for a bad setting, else 1 (the
-    reason on stderr). In the foreground, buckd runs here until it shuts down."""
-    interval = seconds(buck.CHECK_INTERVAL_ENV, CHECK_INTERVAL)
-    idle = seconds(buck.IDLE_TIMEOUT_ENV, IDLE_TIMEOUT, zero_means_never=True)
+# "The daemon process is started with the (hidden) `buck daemon` command."
+def main(d, root):
+    """`buck daemon`: start buckd for daemon dir `d` of repository `root`. Returns `buck daemon`'s
+    exit code: 0 once buckd serves, 3 if another buckd holds buckd.pid, 2 for a bad setting,
+    else 1 (the reason on stderr)."""
+    interval, idle = buck.daemon_settings()
+    why, by = started_because()
     buck.trace["role"] = "daemon"
-    os.makedirs(d, 0o700, exist_ok=True)
-    if foreground:
-        return run(d, interval, idle, ready=None)
+    buck.make_private_dirs(d)
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # a Ctrl-C meant for our client must not
     read_end, write_end = os.pipe()                 # stop the buckd it starts
     child = os.fork()
@@ -62,72 +47,81 @@ def main(d, foreground=False):
             word = pipe.read().decode(errors="replace")   # "CODE message", or "" if buckd died
         code, _, message = word.partition(" ") if word else (
             buck.EXIT_FAILED, "", f"{DAEMON} exited during startup, see {os.path.join(d, STDERR_FILE)}")
-        print(message, file=sys.stderr, end="\n" if message else "")
+        buck.to_stderr(f"{message}\n".encode() if message else b"")
         return int(code)
     os.close(read_end)
-    daemonize()
-    os._exit(run(d, interval, idle, ready=write_end))
-
-
-def seconds(name, default, zero_means_never=False):
-    """A duration from the environment: a bad one is an error, not a busy loop or overflow."""
-    text = os.environ.get(name)
+    daemonize(root)
     try:
-        value = default if text is None else float(text)
-    except ValueError:
-        value = -1
-    if zero_means_never and value == 0:
-        return None
-    if not 0.01 <= value <= MAX_SECONDS:
-        raise buck.Fail(f"{name} must be seconds from 0.01 to {MAX_SECONDS:g}"
-                        f"{' (0: never)' * zero_means_never}, not {text!r}", buck.EXIT_USAGE)
-    return value
+        code = run(d, root, interval, idle, why, by, ready=write_end)
+    except BaseException as e:
+        panic(e)
+    os._exit(code)
 
 
-def daemonize():
-    """The classic recipe (Stevens, APUE 13.3; PEP 3143), each step for a reason."""
+def started_because():
+    """Why this buckd is started, and by whom: what the client put in STARTED_ENV (not in argv:
+    every user can read that in `ps`), removed so that the commands we run do not inherit it."""
+    try:
+        told = json.loads(os.environ.pop(buck.STARTED_ENV))
+        return str(told["why"]), str(told["by"])
+    except (KeyError, ValueError, TypeError, RecursionError):
+        return f"started by hand (`{TOOL} daemon`)", f"pid {os.getppid()}"
+
+
+def daemonize(root):
+    """The classic recipe (Stevens, APUE 13.3; PEP 3143), each step for a reason. (fds 0-2
+    are valid already: buck.standard_fds.)"""
     os.setsid()                     # a session of our own: no terminal, no client's signals
     if os.fork():
         os._exit(0)                 # not a session leader: can never acquire a terminal
     os.chdir("/")                   # keep no directory busy
     os.umask(0o077)                 # every file we create is private
+    name_process(f"{DAEMON}[{os.path.basename(root)}]")     # findable in `ps` and `top`
 
 
-def run(d, interval, idle, ready):
-    """buckd from start to exit: startup, serving until a way to shut down, shutdown."""
+def name_process(name):
+    """Our name in `ps` and `top`: on Linux the 15-byte comm, inherited by the threads we start
+    later. Elsewhere the stdlib cannot, and we stay `python`."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(15, os.fsencode(name)[:15], 0, 0, 0)     # 15: PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def run(d, root, interval, idle, why, by, ready):
+    """buckd from start to exit, as "daemon process flow" tells it. Startup errors are told
+    to `buck daemon`; anything else unexpected is a panic."""
     wake = watch_signals()
     try:
-        pid_fd = lock_pid_file(d)
+        pid_fd = lock_pid_file(d)           # "write its pid to a locked file buckd.pid"
     except AlreadyRunning as e:
         return tell(ready, buck.EXIT_ALREADY_RUNNING, str(e))
     except OSError as e:
-        return tell(ready, buck.EXIT_FAILED, f"{DAEMON} cannot lock {e.filename}: {e.strerror}")
+        return tell(ready, buck.EXIT_FAILED, f"{DAEMON} cannot lock {buck.shown(e.filename)}: {e.strerror}")
     step("daemon.locked")
+    ours.update(dir=d, pid_fd=pid_fd)
     try:
-        if ready is not None:
-            redirect_stdio(d)
-        log(f"{DAEMON} pid {os.getpid()} version {buck.version()} starting in {d}")
-        threading.excepthook = lambda hook: panic(hook.exc_value)
-        server, api = start_server(d, wake[1], pid_fd)
-        info = json.dumps({"pid": os.getpid(), "port": api.port, "version": api.version,
-                           "auth_token": api.token, "start_time": api.start_time}).encode()
-        info_id = write_atomically(os.path.join(d, INFO_FILE), info)
-    except OSError as e:            # e.g. a daemon dir we may not write in
+        redirect_stdio(d)                   # "It redirects its stdout and stderr to files"
+        previous = log_start(d, why, by)
+        server, api = start_server(d, wake[1], why, by, previous)   # "starts up the grpc DaemonApi"
+        info_id = write_info(d, api)        # "write the port it is running on ... to buckd.info"
+    except OSError as e:                    # e.g. a daemon dir we may not write in
         log(f"cannot start: {e}")
         step("daemon.shutdown", reason=str(e), path="startup")
         step("daemon.exit")
-        return tell(ready, buck.EXIT_FAILED, f"{DAEMON} cannot start: {e.filename}: {e.strerror}")
-    except BaseException as e:
-        panic(e)
+        return tell(ready, buck.EXIT_FAILED, f"{DAEMON} cannot start: {buck.shown(e.filename)}: {e.strerror}")
     step("daemon.serving", port=api.port)
     log(f"serving on 127.0.0.1:{api.port}")
-    tell(ready, 0, "")
-    reason, path = serve(api, d, pid_fd, info_id, wake[0], interval, idle)
+    tell(ready, 0, "")                      # "Once that is done, the server is ready"
+    how, reason = serve(api, d, root, pid_fd, info_id, wake[0], interval, idle)
     api.shutdown(reason)
-    step("daemon.shutdown", reason=reason, path=path)
-    log(f"shutting down ({path}): {reason}")
-    server.stop(GRACE).wait()       # running commands get to say why they end
-    remove_info_if_ours(d, pid_fd, info_id)
+    step("daemon.shutdown", reason=reason, path=how)
+    log(f"shutting down ({how}): {reason}")
+    record_end(how, reason)
+    server.stop(GRACE).wait()               # running commands get to say why they end
+    if still_ours(d, pid_fd, INFO_FILE, info_id):
+        os.unlink(os.path.join(d, INFO_FILE))
     step("daemon.exit")
     return 0
 
@@ -154,14 +148,20 @@ class AlreadyRunning(Exception):
 def lock_pid_file(d):
     """Lock buckd.pid, then write our pid in it (truncate only once locked). A POSIX record lock,
     so that clients can ask the kernel who holds it (buck.holder); it is dropped when its holder
-    closes *any* fd of the file, so buckd never opens buckd.pid again: it reads this fd."""
-    fd = os.open(os.path.join(d, PID_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    closes *any* fd of the file, so buckd never opens buckd.pid again (buck.open_file refuses)."""
+    fd = buck.open_file(os.path.join(d, PID_FILE), os.O_RDWR | os.O_CREAT)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, "not a regular file", os.path.join(d, PID_FILE))
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except (BlockingIOError, PermissionError):
         pid = buck.lock_holder(fd)
         os.close(fd)                # we hold no lock on it: closing it drops nothing
-        raise AlreadyRunning(f"{DAEMON} is already running for {d} (pid {pid})") from None
+        raise AlreadyRunning(f"{DAEMON} is already running for {buck.shown(d)} (pid {pid})") from None
+    except OSError:
+        os.close(fd)
+        raise
+    buck.own_pid_file = os.fstat(fd)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
@@ -169,40 +169,46 @@ def lock_pid_file(d):
 
 def redirect_stdio(d):
     """"It redirects its stdout and stderr to files in the daemon directory"; the previous
-    buckd's move to prev/, where a report of how it ended can find them."""
+    buckd's files move to prev/, where a report of how it ended can find them."""
     buck.keep_logs(d)
     for fd, path, flags in ((0, os.devnull, os.O_RDONLY),
                             (1, os.path.join(d, STDOUT_FILE), os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
                             (2, os.path.join(d, STDERR_FILE), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
-        opened = os.open(path, flags, 0o600)
+        opened = buck.open_file(path, flags)
         os.dup2(opened, fd)
         os.close(opened)
+
+
+def log_start(d, why, by):
+    """Say in our log and in END_FILE that we run, and why; return how the buckd before us
+    ended. (The log's first line names our pid: crash reports find it by that.)"""
+    previous = buck.how_it_ended(d) or "none known"
+    log(f"{DAEMON} pid {os.getpid()} version {buck.version()} starting in {d}")
+    log(f"started because: {why} (by {by})")
+    log(f"the previous {DAEMON}: {previous}")
+    buck.write_atomically(os.path.join(d, buck.END_FILE), json.dumps({"pid": os.getpid()}).encode())
+    return previous
 
 
 def tell(ready, code, message):
     """Give `buck daemon` its exit code and message; return the code. If it is gone (its
     client was interrupted), buckd carries on: the next client will use it."""
-    if ready is None:               # in the foreground: to our own stderr
-        log(message or "serving")
-        return code
     try:
-        os.write(ready, f"{code} {message}".encode())
+        os.write(ready, f"{code} {message}".encode(errors="backslashreplace"))
     except OSError:
         pass
     os.close(ready)
     return code
 
 
-def write_atomically(path, data):
-    """Write a whole file under its final name at once; return its file_id."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    return file_id(path)
+def write_info(d, api):
+    """Write buckd.info at once (never seen half-written); mark our environment with this
+    buckd's instance, for the commands we run; return the file's identity (file_id)."""
+    info = {"pid": os.getpid(), "port": api.port, "version": api.version,
+            "auth_token": api.token, "start_time": api.start_time}
+    buck.write_atomically(os.path.join(d, INFO_FILE), json.dumps(info).encode())
+    os.environ[buck.INSTANCE_ENV] = buck.instance(info)
+    return file_id(os.path.join(d, INFO_FILE))
 
 
 def file_id(path):
@@ -212,52 +218,53 @@ def file_id(path):
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def remove_info_if_ours(d, pid_fd, info_id):
-    """Remove buckd.info if it is the one we wrote and buckd.pid the one we hold: never the
-    files of a newer buckd (ours may have been replaced)."""
+def still_ours(d, pid_fd, name, name_id):
+    """Are buckd.pid the file we hold and `name` the file we wrote (or, for None, ours to write)?
+    Never touch the files of a newer buckd: ours may have been replaced."""
     try:
-        if (os.path.samestat(os.stat(os.path.join(d, PID_FILE)), os.fstat(pid_fd))
-                and file_id(os.path.join(d, INFO_FILE)) == info_id):
-            os.unlink(os.path.join(d, INFO_FILE))
+        same_pid_file = os.path.samestat(os.stat(os.path.join(d, PID_FILE)), os.fstat(pid_fd))
+        return same_pid_file and (name is None or file_id(os.path.join(d, name)) == name_id)
     except OSError:
-        pass
+        return False
+
+
+def record_end(how, reason):
+    """Write how we end in END_FILE, if it is still ours to write (a dir deleted, or a newer
+    buckd's: nothing)."""
+    if ours and still_ours(ours["dir"], ours["pid_fd"], None, None):
+        try:
+            buck.record_end(ours["dir"], os.getpid(), how, reason)
+        except OSError:
+            pass
 
 
 def log(message):
     print(time.strftime("%Y-%m-%d %H:%M:%S"), message, file=sys.stderr, flush=True)
 
 
-def panic(error):
-    """Shutdown path 3, the doc's rust `panic()`: a bug in buckd. Its traceback goes to
-    buckd.stderr and buckd exits at once: a daemon in an unknown state must not serve."""
-    traceback.print_exception(error)
-    step("daemon.shutdown", reason=f"panic: {error!r}", path="panic")
-    step("daemon.exit")
-    sys.stderr.flush()
-    os._exit(buck.EXIT_PANIC)
-
-
-# "There are 3 ways that the buckd process will shutdown"
-def serve(api, d, pid_fd, info_id, wake, interval, idle):
-    """Wait until buckd must shut down; return why, and which way: "kill" (1), "self-check"
-    (2), "signal" or "idle". (3, a panic, exits from wherever it happens.)"""
+# "There are 3 ways that the buckd process will shutdown", and a signal, idleness, and a
+# repository that is gone.
+def serve(api, d, root, pid_fd, info_id, wake, interval, idle):
+    """Wait until buckd must shut down; return how and why. (3, a panic, exits from wherever
+    it happens.)"""
     next_check = time.monotonic() + interval
     while True:
         idle_at = (time.monotonic() if api.active else api.last_used) + idle if idle else float("inf")
         if select.select([wake], [], [], max(0, min(next_check, idle_at) - time.monotonic()))[0]:
             signals = [s for s in os.read(wake, 512) if s]     # 0 is the Kill call's byte
             if api.reason:
-                return api.reason, "kill"
+                return "kill", api.reason                                       # 1. kill()
             if signals:
-                return f"{DAEMON} received {signal.Signals(signals[0]).name}", "signal"
+                return "signal", f"{DAEMON} received {signal.Signals(signals[0]).name}"
         now = time.monotonic()
         if now >= next_check:
-            reason = check_files_still_ours(d, pid_fd, info_id)
-            if reason:
-                return reason, "self-check"
+            if reason := check_files_still_ours(d, pid_fd, info_id):
+                return "self-check", reason                                     # 2.
+            if reason := check_repository(root):
+                return "repository gone", reason
             next_check = now + interval
         if idle and not api.active and now >= api.last_used + idle:
-            return f"no client for {idle:g} s ({buck.IDLE_TIMEOUT_ENV})", "idle"
+            return "idle", f"no client for {idle:g} s ({buck.IDLE_TIMEOUT_ENV})"
 
 
 # Shutdown path 2: "buckd will periodically (every 100s or so) check the "buckd.pid" and
@@ -266,10 +273,10 @@ def check_files_still_ours(d, pid_fd, info_id):
     """Why buckd must exit now, or None while both files still name this process. (It opens
     neither: buckd.pid is read through our fd, buckd.info compared by file_id.)"""
     try:
-        ours, there = os.fstat(pid_fd), os.stat(os.path.join(d, PID_FILE))
+        ours_now, there = os.fstat(pid_fd), os.stat(os.path.join(d, PID_FILE))
     except OSError:
         return f"{PID_FILE} was removed"
-    if not os.path.samestat(ours, there):
+    if not os.path.samestat(ours_now, there):
         return f"{PID_FILE} was replaced"
     if os.pread(pid_fd, 64, 0) != f"{os.getpid()}\n".encode():
         return f"{PID_FILE} names another process"
@@ -281,13 +288,43 @@ def check_files_still_ours(d, pid_fd, info_id):
     return f"{INFO_FILE} was removed or rewritten"
 
 
-def start_server(d, wake, pid_fd):
+def check_repository(root):
+    """Why buckd must exit now that its repository is gone (as buck2 does), or None."""
+    if not os.path.isfile(os.path.join(root, buck.MARKER)):
+        return f"the repository {buck.shown(root)} or its {buck.MARKER} is gone"
+    return None
+
+
+# Shutdown path 3: "If buckd hits a rust `panic()` the buckd process will exit"
+def panic(error):
+    """A bug in buckd, wherever it happens: its traceback goes to buckd.stderr and buckd exits at
+    once (a daemon in an unknown state must not serve)."""
+    traceback.print_exception(error)
+    step("daemon.shutdown", reason=f"panic: {error!r}", path="panic")
+    record_end("panic", repr(error))
+    step("daemon.exit")
+    sys.stderr.flush()
+    os._exit(buck.EXIT_PANIC)
+
+
+def panics(method):
+    """A servicer method whose exception is a panic (grpc would answer UNKNOWN and serve on)."""
+    def guarded(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as e:
+            panic(e)
+    return guarded
+
+
+def start_server(d, wake, why, by, previous):
     """The DaemonApi gRPC server on 127.0.0.1, port chosen by the kernel: a thread for each
     running command (MAX_COMMANDS at most), and spares, so that Status and Kill never queue."""
-    global grpc, pb
+    global grpc, pb, workload
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     grpc, pb, pb_grpc = buck.load_grpc()
-    api = DaemonApi(d, buck.version(), wake, pid_fd)
+    workload = __import__(buck.WORKLOAD)
+    api = DaemonApi(d, wake, why, by, previous)
     server = grpc.server(ThreadPoolExecutor(MAX_COMMANDS + SPARE_THREADS),
                          interceptors=[require_token(api.token)], options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_DaemonApiServicer_to_server(api, server)
@@ -308,36 +345,32 @@ def require_token(token):
     return RequireToken()
 
 
-class Invalid(Exception):
-    """A command's arguments are wrong: its client gets the message, and exit code 2."""
-
-
 class DaemonApi:
-    """The servicer (Status, Kill, Command) and what commands share: the digest cache. `lock`
-    guards `active`, `reason` and writes to the cache, and is never taken in a signal handler;
-    reads of a counter or of `last_used`, and cache lookups, take none."""
+    """The servicer: Status, Kill, and Command, which runs a workload command. `lock` guards
+    `active` and `reason`, and is never taken in a signal handler; reads of a counter or of
+    `last_used` take none."""
 
-    def __init__(self, d, version, wake, pid_fd):
-        self.dir, self.version, self.wake, self.port = d, version, wake, 0
-        self.pid_fd, self.pid_stat = pid_fd, os.fstat(pid_fd)
+    def __init__(self, d, wake, why, by, previous):
+        self.dir, self.version, self.wake, self.port = d, buck.version(), wake, 0
+        self.why, self.by, self.previous = map(buck.shown, (why, by, previous))     # valid UTF-8
         self.token = os.urandom(16).hex()
         self.start_time, self.last_used = time.time(), time.monotonic()  # last: for idleness
         self.lock = threading.Lock()
         self.active = set()         # an Event per running command, set to stop it
         self.reason = None          # why buckd is shutting down
-        self.digests = {}           # dev << 64 | ino -> STAMP + hex digest
-        self.files_read = 0
 
+    @panics
     def Status(self, request, context):
-        self.last_used = time.monotonic()
+        idle, self.last_used = 0 if self.active else time.monotonic() - self.last_used, time.monotonic()
         return pb.StatusResponse(
             pid=os.getpid(), port=self.port, version=self.version,
             daemon_dir=self.dir.encode(errors="surrogateescape").decode(errors="replace"),
             start_time=self.start_time, uptime_s=time.time() - self.start_time,
-            active_commands=len(self.active), cache_entries=len(self.digests),
-            files_read=self.files_read)
+            active_commands=len(self.active), idle_s=idle, started_because=self.why,
+            started_by=self.by, previous_end=self.previous, figures=workload.status())
 
     # Shutdown path 1: "The grpc api includes a `kill()` call that will shutdown buckd."
+    @panics
     def Kill(self, request, context):
         self.shutdown(request.reason or "killed by a client")
         return pb.KillResponse()
@@ -380,11 +413,7 @@ class DaemonApi:
             yield pb.CommandEvent(accepted=True)
             if next(requests, None) is None:        # no go-ahead: the client has gone
                 return
-            try:
-                code = yield from HANDLERS[request.name](self, request, stop)
-            except Invalid as e:
-                yield pb.CommandEvent(stderr=f"{TOOL} {request.name}: {e}\n".encode())
-                code = buck.EXIT_USAGE
+            code = yield from run_workload(request, stop)
             if code is not None:                    # it ran to its end
                 yield pb.CommandEvent(exit_code=code)
             elif self.reason:                       # it was stopped by the shutdown
@@ -398,165 +427,35 @@ class DaemonApi:
                 self.active.discard(stop)
                 self.last_used = time.monotonic()
 
-    def digest(self, path, st, stop):
-        """A file's hex digest: cached while its size and times are unchanged, else read and
-        cached under what the open file says of itself, unless "racy" (changed so recently that
-        a change right after our read could keep its size and times). None if stopped midway;
-        an OSError if it cannot be read. Never buckd.pid through a new fd (see lock_pid_file)."""
-        key, stamp = st.st_dev << 64 | st.st_ino, STAMP.pack(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        entry = self.digests.get(key)
-        if entry and entry.startswith(stamp):
-            return entry[STAMP.size:]
-        if os.path.samestat(st, self.pid_stat):         # ours: read it through our own fd
-            return hashlib.sha256(os.pread(self.pid_fd, 1 << 16, 0)).hexdigest().encode()
-        started, sha, size = time.time_ns(), hashlib.sha256(), 0
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)   # never hang on a FIFO
-            st = os.fstat(fd)       # the file we read, wherever the path leads now
-            if os.path.samestat(st, self.pid_stat):     # closing it would drop our lock:
-                return OSError(0, f"{DAEMON}'s own {PID_FILE}")  # keep the fd, never close it
-            try:
-                while stat.S_ISREG(st.st_mode) and (chunk := os.read(fd, READ_SIZE)):
-                    if stop.is_set():
-                        return None
-                    sha.update(chunk)
-                    size += len(chunk)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            return e
-        if not stat.S_ISREG(st.st_mode):
-            return OSError(0, "Not a regular file")
-        key, stamp = st.st_dev << 64 | st.st_ino, STAMP.pack(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        digest, newest = sha.hexdigest().encode(), max(st.st_mtime_ns, st.st_ctime_ns)
-        racy = COARSE_RACY_NS if newest % 1_000_000_000 == 0 else RACY_NS
-        with self.lock:
-            self.files_read += 1
-            if newest < started - racy and size == st.st_size:  # (/proc files lie about size)
-                if len(self.digests) >= CACHE_LIMIT:
-                    self.digests = {}
-                self.digests[key] = stamp + digest
-        return digest
-
 
 def malformed(request):
     """What is wrong with a Command request that no handler should see, or None."""
     if request is None:
         return "no command was sent"
-    if request.name not in HANDLERS:
-        return f"no command {request.name!r}"
+    if request.name not in workload.COMMANDS:
+        return f"no command {buck.shown(request.name)}"
     if not os.path.isabs(request.cwd):
-        return f"cwd must be an absolute path, not {request.cwd!r}"
+        return f"cwd must be an absolute path, not {buck.shown(request.cwd)}"
     if any(b"\0" in arg for arg in [request.cwd, *request.args]):
         return "a path with a NUL byte"
     return None
 
 
-def expect(request, least, most, options=()):
-    """Check a command's operand count and options, or raise Invalid."""
-    if not least <= len(request.args) <= most:
-        raise Invalid(f"{'missing' if len(request.args) < least else 'extra'} operand(s)")
-    unknown = set(request.options) - set(options)
-    if unknown:
-        raise Invalid(f"unknown option(s): {', '.join(sorted(unknown))}")
-
-
-# --- Commands
-
-def cmd_hash(api, request, stop):
-    """`buck hash PATH...`: what sha256sum prints for these paths, a directory standing for
-    the regular files below it, sorted; errors in their place on stderr."""
-    expect(request, 1, float("inf"))
-    code, out = 0, bytearray()
-    for shown, digest in hash_jobs(api, request, stop):
-        if stop.is_set():
-            return None
-        if isinstance(digest, OSError):
-            code = 1
-            if out:                 # stdout before stderr, in the order of the paths
-                yield pb.CommandEvent(stdout=bytes(out))
-                out.clear()
-            yield pb.CommandEvent(stderr=b"%s hash: %s: %s\n" % (TOOL.encode(), shown, digest.strerror.encode()))
-            continue
-        out += sha256sum_line(digest, shown)
-        if len(out) >= CHUNK:
-            yield pb.CommandEvent(stdout=bytes(out))
-            out.clear()
-    if out:
-        yield pb.CommandEvent(stdout=bytes(out))
-    return code
-
-
-def hash_jobs(api, request, stop):
-    """(path as shown, hex digest or OSError) for each file, in output order."""
-    for arg in request.args:
-        path = os.path.join(request.cwd, arg)   # the client's cwd, not ours ("/")
-        try:
-            st = os.stat(path)
-            if stat.S_ISDIR(st.st_mode):
-                shown, path = os.path.join(arg, b""), os.path.join(path, b"")   # both end in "/"
-                for rel, st in files_below(path):
-                    yield shown + rel, st if isinstance(st, OSError) else api.digest(path + rel, st, stop)
-            else:
-                yield arg, api.digest(path, st, stop) if stat.S_ISREG(st.st_mode) else OSError(0, "Not a regular file")
-        except OSError as e:
-            yield arg, e
-
-
-def files_below(top):
-    """(path relative to top, stat or OSError) of each regular file below top (which ends in
-    "/"), in the order of their sorted paths: a directory at a time, in which a subdirectory
-    sorts as its name and "/", as every path below it begins so."""
-    stack = [sorted_entries(top)]
-    while stack:
-        for entry in stack[-1]:
-            if entry.is_dir(follow_symlinks=False):
-                try:
-                    stack.append(sorted_entries(entry.path + b"/"))
-                    break
-                except OSError as e:
-                    yield entry.path[len(top):] + b"/", e
-            elif entry.is_file(follow_symlinks=False):
-                try:
-                    yield entry.path[len(top):], entry.stat(follow_symlinks=False)
-                except OSError as e:            # e.g. removed since we listed it
-                    yield entry.path[len(top):], e
-        else:
-            stack.pop()
-
-
-def sorted_entries(path):
-    with os.scandir(path) as entries:
-        return iter(sorted(entries, key=lambda e: e.name + b"/" if e.is_dir(follow_symlinks=False) else e.name))
-
-
-def sha256sum_line(digest, name):
-    """One line as sha256sum prints it: a name with \\, \\n or \\r is escaped, the line
-    marked by a leading backslash."""
-    if b"\\" in name or b"\n" in name or b"\r" in name:
-        name = name.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
-        return b"\\%s  %s\n" % (digest, name)
-    return b"%s  %s\n" % (digest, name)
-
-
-def cmd_debug_sleep(api, request, stop):
-    """`buck debug sleep SECONDS`: one line, then a sleep that ends early if stopped."""
-    expect(request, 1, 1)
-    text = request.args[0].decode(errors="replace")
-    seconds = float(text) if text.replace(".", "", 1).isdigit() else -1
-    if not 0 <= seconds <= MAX_SECONDS:
-        raise Invalid(f"SECONDS must be a number from 0 to {MAX_SECONDS:g}, not {text!r}")
-    done = time.monotonic() + seconds
-    yield pb.CommandEvent(stdout=b"sleeping for %g s\n" % seconds)
-    stop.wait(done - time.monotonic())
-    return 0 if time.monotonic() >= done else None
-
-
-def cmd_debug_crash(api, request, stop):
-    """`buck debug crash`: a simulated bug in a command, hence a panic."""
-    expect(request, 0, 0)
-    raise RuntimeError("`buck debug crash` was invoked")
-    yield                           # (a generator, like every command)
-
-
-HANDLERS = {"hash": cmd_hash, "debug sleep": cmd_debug_sleep, "debug crash": cmd_debug_crash}
+def run_workload(request, stop):
+    """Run a workload command (workload.py says what `call` holds): its events as CommandEvents,
+    then its exit code. Bad arguments are said as the client says its own."""
+    call = SimpleNamespace(args=list(request.args), options=dict(request.options), cwd=request.cwd,
+                           stop=stop, open=buck.open_file)
+    try:
+        buck.check_usage(request.name, call.args, call.options)
+        events = workload.COMMANDS[request.name][2](call)
+        while True:
+            try:
+                kind, data = next(events)
+            except StopIteration as end:
+                return end.value
+            yield pb.CommandEvent(**{kind: data})
+    except buck.Fail as e:
+        message = buck.usage_error(request.name, e) if e.code == buck.EXIT_USAGE else e
+        yield pb.CommandEvent(stderr=f"{TOOL}: {message}\n".encode(errors="backslashreplace"))
+        return e.code
