@@ -8,8 +8,11 @@ STUBS  := daemon_pb2.py daemon_pb2_grpc.py
 SECONDS ?= 120
 SEED    ?= 1
 
+# Cached bytecode for what buckd imports, even with PYTHONDONTWRITEBYTECODE: the stubs and
+# the .py files of buck.SOURCES (the one list of the code's files).
 setup: $(STUBS)
-	@$(PY) -m compileall -q buckd.py $(STUBS)   # cached bytecode, even with PYTHONDONTWRITEBYTECODE
+	@$(PY) -m compileall -q $(STUBS) \
+	  $$($(PY) -c 'import buck; print(*(f for f in buck.SOURCES if f.endswith(".py")))')
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,16 +44,17 @@ stress: setup
 	    || { cat /tmp/buckd-stress.log; echo "stress run $$i: FAILED"; exit 1; }; \
 	done
 
-# 12 clients, half of them another version, start buckd from cold: the swimlanes and verdict.
+# 12 clients, half of them another version, start buckd from cold: the swimlanes and verdict
+# (tools/lifecycle.py).
 race: setup
-	$(PY) lifecycle.py race
+	$(PY) tools/lifecycle.py race
 
-# The randomized fault soak: make chaos SECONDS=600 SEED=2
+# The randomized fault soak (tools/chaos.py): make chaos SECONDS=600 SEED=2
 chaos: setup
-	$(PY) chaos_buckd.py --seconds $(SECONDS) --seed $(SEED)
+	$(PY) tools/chaos.py --seconds $(SECONDS) --seed $(SEED)
 
 bench: setup
-	$(PY) bench_buckd.py
+	$(PY) tools/bench.py
 
 clean:
-	rm -rf $(VENV) $(STUBS) __pycache__ .pytest_cache
+	rm -rf $(VENV) $(STUBS) __pycache__ tools/__pycache__ .pytest_cache

@@ -20,10 +20,14 @@ the sections of one dir never interleave (guarantees 1 and 2) and that every com
 follows its own client's accepting connect.3 of that buckd, of its version (guarantee 3).
 lanes() draws the log, a row per line and a column per process; its legend says how.
 
-    python lifecycle.py check LOG [--killed PID,PID]     the verdict: exit 0, or 1
-    python lifecycle.py lanes LOG [--killed PID,PID]     the drawing, a summary, the verdict
-    python lifecycle.py race [--clients N] [--buck PATH]  a real cold race of two versions
+    python tools/lifecycle.py check LOG [--killed PID,PID]   the verdict: exit 0, or 1
+    python tools/lifecycle.py lanes LOG [--killed PID,PID]   the drawing, a summary, the verdict
+    python tools/lifecycle.py race [--clients N] [--buck PATH]   a real cold race of two versions
+
+The tools beside this file (chaos.py, bench.py) share load_buck(), copy_sources(),
+other_version() and clean_env().
 """
+import importlib.util
 import itertools
 import json
 import os
@@ -34,7 +38,9 @@ import sys
 import tempfile
 import textwrap
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))     # tools/
+ROOT = os.path.dirname(HERE)                          # the repository: buck.py, buckd.py, ...
+BUCK = os.path.join(ROOT, "buck.py")
 GUARANTEES = {1: "one buckd at a time", 2: "one client starting/killing at a time",
               3: "a compatible version only"}
 OPENS = {"daemon.locked": 1, "restart.1": 2}     # a section's first step: its guarantee
@@ -342,20 +348,71 @@ def versions(lines):
     return said + shutdowns
 
 
+# --- What the tools share: buck.py's names, and another version of it
+
+def load_buck(buck_py=BUCK):
+    """buck.py at path buck_py as a module (importing it is cheap and starts nothing): the
+    names (SOURCES, MARKER, LOG_ENV, ...) of the buck that a tool drives, never copies of
+    them. This repository's is `import buck`; another (--buck PATH) is loaded under a name
+    of its own."""
+    path = os.path.realpath(buck_py)
+    if path == os.path.realpath(BUCK):
+        if ROOT not in sys.path:
+            sys.path.insert(0, ROOT)
+        import buck
+        return buck
+    name = f"buck_at_{path}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+def copy_sources(buck_py, dest, append=""):
+    """A copy of buck_py's SOURCES (its own buck.SOURCES: the files whose checksum is the
+    version, all that a checkout needs to run) in the new dir `dest`, `append` added to its
+    buckd.py. Returns the copy's buck.py."""
+    here = os.path.dirname(os.path.realpath(buck_py))
+    os.makedirs(dest)
+    for f in load_buck(buck_py).SOURCES:
+        os.makedirs(os.path.dirname(os.path.join(dest, f)), exist_ok=True)
+        shutil.copy(os.path.join(here, f), os.path.join(dest, f))
+    with open(os.path.join(dest, "buckd.py"), "a") as f:
+        f.write(append)
+    return os.path.join(dest, "buck.py")
+
+
+def other_version(buck_py, other):
+    """A copy of buck_py's sources in the new dir `other`, buckd.py one line longer: another
+    version, as the version is a checksum of SOURCES. Returns the copy's buck.py."""
+    return copy_sources(buck_py, other, "# another version\n")
+
+
+def clean_env(buck, **values):
+    """os.environ for the clients a tool starts: none of buck's variables (its names ending
+    in _ENV: LOG_ENV, STOP_AT_ENV, CHECK_INTERVAL_ENV, ...) inherited from the caller's shell,
+    where a stray one would change what we measure or SIGSTOP a client; then `values`."""
+    knobs = {getattr(buck, name) for name in dir(buck) if name.endswith("_ENV")}
+    return {**{k: v for k, v in os.environ.items() if k not in knobs}, **values}
+
+
 # --- A real race
 
 def race(buck_py, clients=12):
     """Start `clients` `buck server` clients at once from cold, alternately of buck_py's
     version and of another, then `buck kill` with one of each. Prints the lanes, the
     summary, each client's end and the verdict; returns the exit code."""
-    tmp = tempfile.mkdtemp(prefix="buckd-race-")
+    buck = load_buck(buck_py)
+    tmp = tempfile.mkdtemp(prefix=f"{buck.DAEMON}-race-")
     home, repo, log = (os.path.join(tmp, f) for f in ("home", "repo", "lifecycle.log"))
     try:
         scripts = [os.path.abspath(buck_py), other_version(buck_py, os.path.join(tmp, "other"))]
         os.mkdir(home)
         os.mkdir(repo)
-        open(os.path.join(repo, ".buckconfig"), "w").close()
-        env = dict(os.environ, HOME=home, BUCK_LIFECYCLE_LOG=log)
+        open(os.path.join(repo, buck.MARKER), "w").close()
+        env = clean_env(buck, HOME=home, **{buck.LOG_ENV: log})
         start = lambda script, command: subprocess.Popen(
             [sys.executable, script, command], cwd=repo, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -365,7 +422,7 @@ def race(buck_py, clients=12):
             finish(start(script, "kill"))
         lines = load(log) if os.path.exists(log) else []
     finally:
-        left = leftovers(home)          # also after an error or ^C: no buckd outlives a race
+        left = leftovers(buck, home)    # also after an error or ^C: no buckd outlives a race
         shutil.rmtree(tmp, ignore_errors=True)
     killed = {p.pid for p in procs if p.returncode < 0} | set(left)
     killed |= {x.get("daemon_pid") for x in lines if x.get("how") == "sigkill"}
@@ -373,21 +430,11 @@ def race(buck_py, clients=12):
     for i, (p, (code, err)) in enumerate(zip(procs, ends)):
         print(f"client {p.pid} ({'other' if i % 2 else 'this'} version): exit {code}"
               + (f": {err}" if err else ""))
-    problems = check(lines, killed) + [f"buckd {p} was still running: SIGKILLed" for p in left]
+    problems = check(lines, killed) + [f"{buck.DAEMON} {p} was still running: SIGKILLed"
+                                       for p in left]
     if not lines:
-        problems.append("the log is empty: do buck.py and buckd.py write BUCK_LIFECYCLE_LOG?")
+        problems.append(f"the log is empty: do {buck.TOOL} and {buck.DAEMON} write {buck.LOG_ENV}?")
     return verdict(lines, problems)
-
-
-def other_version(buck_py, other):
-    """A copy of buck_py's sources in the new dir `other`, buckd.py one line longer: another
-    version, as the version is a checksum of the sources. Returns the copy's buck.py."""
-    os.mkdir(other)
-    for f in ("buck.py", "buckd.py", "daemon.proto", "daemon_pb2.py", "daemon_pb2_grpc.py"):
-        shutil.copy(os.path.join(os.path.dirname(os.path.abspath(buck_py)), f), other)
-    with open(os.path.join(other, "buckd.py"), "a") as f:
-        f.write("# another version\n")
-    return os.path.join(other, "buck.py")
 
 
 def finish(proc, timeout=120):
@@ -400,11 +447,9 @@ def finish(proc, timeout=120):
     return proc.returncode, (err.strip().splitlines() or [""])[-1]
 
 
-def leftovers(home):
+def leftovers(buck, home):
     """The buckds still running under home, each SIGKILLed. Only the process the kernel
     says holds a buckd.pid lock is signalled: a pid from the log may have been reused."""
-    sys.path.insert(0, HERE)
-    import buck
     pids = []
     for top, _, files in os.walk(home):
         if buck.PID_FILE in files:
@@ -417,7 +462,8 @@ def leftovers(home):
 
 # --- The command line
 
-USAGE = "usage: lifecycle.py check|lanes LOG [--killed PID,PID] | race [--clients N] [--buck PATH]"
+USAGE = ("usage: tools/lifecycle.py check|lanes LOG [--killed PID,PID]"
+         " | race [--clients N] [--buck PATH]")
 
 
 def verdict(lines, problems):
@@ -443,8 +489,7 @@ def main(argv):
         command, *args = argv or [""]
         if command == "race":
             opts = options(args, ("--clients", "--buck"))
-            return race(opts.get("--buck", os.path.join(HERE, "buck.py")),
-                        int(opts.get("--clients", 12)))
+            return race(opts.get("--buck", BUCK), int(opts.get("--clients", 12)))
         if command not in ("check", "lanes") or not args:
             raise ValueError(USAGE)
         killed = options(args[1:], ("--killed",)).get("--killed", "")

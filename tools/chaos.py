@@ -1,26 +1,35 @@
 #!/usr/bin/env python3
-"""chaos_buckd: a seeded, bounded, randomized soak of the buckd lifecycle (stdlib only, Linux).
+"""chaos: a seeded, bounded, randomized soak of the buckd lifecycle (stdlib only, Linux).
 
-    .venv/bin/python chaos_buckd.py [--seconds 120] [--seed 1] [--workers 6] [--buck buck.py]
+    .venv/bin/python tools/chaos.py [--seconds 120] [--seed 1] [--workers 6] [--buck buck.py]
+
+The names it uses (the marker file, the environment variables, buckd.pid...) are those of
+the buck.py it drives (--buck, by default the one in the parent dir of tools/).
 
 Setup, in a temp dir: a HOME; a repo (.buckconfig) with a tree to hash (nested dirs, odd
-names, a 2 MB file; sha256sum's output computed once); a second buck version (a copy of the
-sources with one comment added to buckd.py); three isolation dirs; three decoys
-(`sleep 100000`: processes of ours that buck must never signal).
+names, a 2 MB file; sha256sum's output computed once); a copy of buck.SOURCES, which the
+soak runs (an edit of the checkout meanwhile is no third version); a second buck version (a
+copy with one comment added to buckd.py: lifecycle.other_version); three isolation dirs;
+three decoys (`sleep 100000`: processes of ours that buck must never signal).
 
 Workers (threads) run real clients of either version in any isolation dir: server --json,
 status --json, hash, debug sleep 0-2, a burst of 20 concurrent `debug sleep 1` (--burst 70
---burst-sleep 15 exhaust the snapshot buckd's 64 threads), sometimes kill, rarely debug
-crash. A fault thread meanwhile injects: SIGKILL of a client, a launcher (`buck daemon`
-still in our session) or a buckd; SIGSTOP, then SIGCONT within 3 s, of a client or a buckd;
-Ctrl-C (SIGINT to a client's process group, launcher included, as a terminal sends it; half
-the time to a client that is starting buckd); buckd.info garbled, truncated or deleted;
-buckd.pid rewritten in place or replaced, naming a live decoy.
+--burst-sleep 15 exhaust the snapshot buckd's 64 threads), `status --all [--json]` (every
+buckd of the HOME, no isolation dir), sometimes kill, rarely killall (a kill of every
+isolation dir at once: commands running elsewhere end with "buckd shut down during the
+command", a failure like any other) and debug crash. A fault thread meanwhile injects:
+SIGKILL of a client, a launcher (`buck daemon` still in our session) or a buckd; SIGSTOP,
+then SIGCONT within 3 s, of a client or a buckd; Ctrl-C (SIGINT to a client's process
+group, launcher included, as a terminal sends it; half the time to a client that is
+starting buckd); buckd.info garbled, truncated or deleted; buckd.pid rewritten in place or
+replaced, naming a live decoy.
 
 Violations, checked while it runs (a monitor every 0.2 s) and at the end:
 - two running (not stopped) buckd for one isolation dir for more than 3 s: a replaced
   buckd.pid lets the old one live only until its self-check (every 0.5 s) and its exit;
 - a successful `server --json` naming a daemon of another version than the client's;
+- a successful `status --all --json` that is no JSON array of objects, or names as a buckd
+  a decoy that lived all through the command;
 - a decoy that died without us killing it: buck signalled a stranger's process;
 - a client running longer than 40 s (it is killed); an exit code not 0, 1, or 130 after
   Ctrl-C; a failure whose last line (`  | ` quotes aside) is no `buck: <reason>`; a client
@@ -30,9 +39,9 @@ Violations, checked while it runs (a monitor every 0.2 s) and at the end:
   SIGSTOP or `debug crash`;
 - `hash` exiting 0 with output other than sha256sum's;
 - a process with our HOME still running after the final `kill`s (it is then SIGKILLed);
-- lifecycle.check() over BUCK_LIFECYCLE_LOG, if lifecycle.py sits next to this file, with
-  killed= every pid we SIGKILLed. Guarantee-1 findings that name a daemon dir whose
-  buckd.pid we replaced are skipped: we made two daemons possible there ourselves.
+- lifecycle.check() over BUCK_LIFECYCLE_LOG (tools/lifecycle.py), with killed= every pid
+  we SIGKILLed. Guarantee-1 findings that name a daemon dir whose buckd.pid we replaced
+  are skipped: we made two daemons possible there ourselves.
 Prints a report; exits 1 on any violation, else 0 (130 if interrupted). Stops by itself
 within --seconds + 65 s, and removes every process and file it made, Ctrl-C or not.
 """
@@ -53,16 +62,18 @@ import tempfile
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+import lifecycle         # beside us in tools/: the checker, load_buck(), other_version()
+
 PY = sys.executable
 ISOLATION_DIRS = ("v2", "iso-a", "iso-b")
-SOURCES = ("buck.py", "buckd.py", "daemon.proto", "daemon_pb2.py", "daemon_pb2_grpc.py")
 CHECK_INTERVAL = 0.5    # BUCKD_CHECK_INTERVAL of every daemon
 DUPLICATE_LIMIT = 3.0   # seconds two running buckd may share a dir
 CLIENT_BOUND = 40.0     # seconds a client may run
 FINAL_BUDGET = 10.0     # seconds for the final kills
 OTHER_VERSION_ODDS = 0.1
-ACTIONS = {"server": 20, "status": 15, "hash": 20, "sleep": 20, "burst": 2, "kill": 4, "crash": 1}
+ACTIONS = {"server": 20, "status": 15, "hash": 20, "sleep": 20, "burst": 2, "status_all": 4,
+           "kill": 4, "killall": 1, "crash": 1}
+ALL_DIRS = ("status_all", "killall")   # actions on every buckd of the HOME: no --isolation-dir
 FAULTS = {"sigkill": 7, "stop_cont": 3, "ctrl_c": 3, "damage_info": 3, "pid_names_decoy": 4}
 HASH_ARGS = (("tree",), ("tree/big.bin", "tree/a", "tree/with space"))
 Proc = collections.namedtuple("Proc", "pid argv state pgrp sid")
@@ -94,16 +105,6 @@ def expected_hash(repo, args):
             paths.append(arg)
     return subprocess.run(["sha256sum", "--", *paths], cwd=repo, capture_output=True,
                           check=True).stdout
-
-
-def make_other_version(buck, dest):
-    """A copy of buck whose buckd.py differs by one comment: another version."""
-    os.makedirs(dest)
-    for name in SOURCES:
-        shutil.copy(os.path.join(os.path.dirname(buck), name), dest)
-    with open(os.path.join(dest, "buckd.py"), "a") as f:
-        f.write("# another version\n")
-    return os.path.join(dest, "buck.py")
 
 
 def version_of(script):
@@ -140,12 +141,13 @@ def poll(condition, timeout):
 class Soak:
     def __init__(self, opts):
         self.opts, self.lock = opts, threading.Lock()
-        self.buck = os.path.abspath(opts.buck)
-        self.tmp = tempfile.mkdtemp(prefix="chaos-buckd-")
+        self.names = names = lifecycle.load_buck(opts.buck)   # its MARKER, LOG_ENV, TOOL...
+        self.tmp = tempfile.mkdtemp(prefix="chaos-")
         self.home, self.repo = os.path.join(self.tmp, "home"), os.path.join(self.tmp, "repo")
         self.log = os.path.join(self.tmp, "lifecycle.log")
-        self.env = {**os.environ, "HOME": self.home, "BUCK_LIFECYCLE_LOG": self.log,
-                    "BUCKD_CHECK_INTERVAL": str(CHECK_INTERVAL)}
+        self.env = lifecycle.clean_env(names, HOME=self.home, **{
+            names.LOG_ENV: self.log, names.CHECK_INTERVAL_ENV: str(CHECK_INTERVAL)})
+        self.says = re.escape(f"{names.TOOL}: ")                # a line of buck's own
         self.home_var, self.sid = f"HOME={self.home}".encode(), os.getsid(0)
         self.clients, self.decoys = {}, []      # pid -> Popen; Popens
         self.killed, self.interrupted, self.stopped = set(), set(), set()
@@ -162,10 +164,11 @@ class Soak:
         rng = random.Random(self.opts.seed)
         os.makedirs(self.home)
         os.makedirs(self.repo)
-        open(os.path.join(self.repo, ".buckconfig"), "w").close()
+        open(os.path.join(self.repo, self.names.MARKER), "w").close()
         make_tree(self.repo, rng)
         self.expected = {args: expected_hash(self.repo, args) for args in HASH_ARGS}
-        self.other = make_other_version(self.buck, os.path.join(self.tmp, "other"))
+        self.buck = lifecycle.copy_sources(self.opts.buck, os.path.join(self.tmp, "buck"))
+        self.other = lifecycle.other_version(self.buck, os.path.join(self.tmp, "other"))
         self.versions = {s: version_of(s) for s in (self.buck, self.other)}
         self.decoys = [self.start_decoy() for _ in range(3)]
 
@@ -173,7 +176,8 @@ class Soak:
         return subprocess.Popen(["sleep", "100000"], process_group=0, stdin=subprocess.DEVNULL)
 
     def daemon_dir(self, iso):
-        return os.path.join(self.home, ".buck", "buckd", self.repo.lstrip("/"), iso)
+        return os.path.join(self.home, self.names.STATE_DIR, self.names.DAEMON,
+                            self.repo.lstrip("/"), iso)
 
     # --- processes
 
@@ -207,9 +211,9 @@ class Soak:
         """The buckd a dir's files name (the buckd.pid lock holder, buckd.info's pid), if it
         is one /proc confirms as ours."""
         d = self.daemon_dir(iso)
-        named = [lock_holder(os.path.join(d, "buckd.pid"))]
+        named = [lock_holder(os.path.join(d, self.names.PID_FILE))]
         try:
-            with open(os.path.join(d, "buckd.info")) as f:
+            with open(os.path.join(d, self.names.INFO_FILE)) as f:
                 named.append(json.load(f)["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
@@ -233,11 +237,15 @@ class Soak:
     # --- clients
 
     def spawn(self, script, iso, args, action):
-        proc = subprocess.Popen([PY, script, "--isolation-dir", iso, *args], cwd=self.repo,
+        """A client in isolation dir iso (None: no --isolation-dir, for every buckd)."""
+        where = ["--isolation-dir", iso] if iso else []
+        with self.lock:                 # the decoys alive now: a buckd can have none's pid
+            decoys = {d.pid: d for d in self.decoys}
+        proc = subprocess.Popen([PY, script, *where, *args], cwd=self.repo,
                                 env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, process_group=0)   # a terminal's job
         proc.script, proc.iso, proc.args, proc.action = script, iso, tuple(args), action
-        proc.started = time.monotonic()
+        proc.started, proc.decoys = time.monotonic(), decoys
         with self.lock:
             self.clients[proc.pid] = proc
         return proc
@@ -257,7 +265,8 @@ class Soak:
     def label(self, proc):
         which = "other" if proc.script == self.other else "buck"
         ctrl_c = ", after Ctrl-C" if proc.pid in self.interrupted else ""
-        return f"{which} --isolation-dir {proc.iso} {' '.join(proc.args)} (pid {proc.pid}{ctrl_c})"
+        where = f" --isolation-dir {proc.iso}" if proc.iso else ""
+        return f"{which}{where} {' '.join(proc.args)} (pid {proc.pid}{ctrl_c})"
 
     def check(self, proc, out, err):
         """A client's exit code, stderr and output against the invariants."""
@@ -277,14 +286,14 @@ class Soak:
             where = [line.strip() for line in own if line.startswith('  File "')][-1:]
             self.violation("client traceback", f"{self.label(proc)}: exit {code}: "
                            f"{own[:1] + where + own[-1:]}")
-        elif code == 1 and own and re.match(r"buck: .*[^:\s]\s*$", own[-1]):
+        elif code == 1 and own and re.match(self.says + r".*[^:\s]\s*$", own[-1]):
             self.count(self.failures, own.pop(), proc)
         elif code != 0 and not interrupted:
             self.violation("bad exit or last line", f"{self.label(proc)}: exit {code}: {own[-3:]}")
         if code == 0:
             self.check_output(proc, out)
         for line in own:
-            if line.startswith("buck: "):
+            if re.match(self.says, line):
                 self.count(self.notices, line, proc)
         self.check_quoted_panic(proc, lines)
         self.check_lost_daemon(proc, lines)
@@ -305,14 +314,34 @@ class Soak:
             if version != self.versions[proc.script]:
                 self.violation("used another version", f"{self.label(proc)}: client "
                                f"{self.versions[proc.script]} got a daemon of {version}")
+        elif proc.args[:3] == ("status", "--all", "--json"):
+            self.check_status_all(proc, out)
         elif proc.args[0] == "hash" and out != self.expected[proc.args[1:]]:
             self.violation("hash differs from sha256sum", f"{self.label(proc)}: {len(out)} "
                            f"bytes, expected {len(self.expected[proc.args[1:]])}")
 
+    def check_status_all(self, proc, out):
+        """`status --all --json`: a JSON array of objects, one per buckd. None but a dead
+        one's (the pid its buckd.info names) may be a decoy that lived all through the
+        command: buckd.pid naming a decoy makes no buckd."""
+        try:
+            daemons = json.loads(out)
+            assert isinstance(daemons, list) and all(isinstance(x, dict) for x in daemons)
+        except (ValueError, AssertionError):
+            return self.violation("status --all --json output", f"{self.label(proc)}: no JSON "
+                                  f"array of objects: {out[:80]!r}")
+        with self.lock:
+            decoys = {pid for pid, d in proc.decoys.items()
+                      if d in self.decoys and d.poll() is None}
+        named = [x.get("pid") for x in daemons
+                 if x.get("pid") in decoys and x.get("state") != "dead"]
+        if named:
+            self.violation("status --all named a decoy", f"{self.label(proc)}: pids {named}")
+
     def check_quoted_panic(self, proc, lines):
         """A buckd stderr quoted by a client: a panic there must be `debug crash`'s."""
         quoted = tuple(line[4:] for line in lines if line.startswith("  | "))
-        panic = any("Traceback" in line or line.startswith("buck: ") for line in quoted)
+        panic = any("Traceback" in line or re.match(self.says, line) for line in quoted)
         if panic and not any("`buck debug crash` was invoked" in line for line in quoted):
             with self.lock:
                 new, _ = quoted not in self.panics, self.panics.add(quoted)
@@ -322,7 +351,7 @@ class Soak:
     def check_lost_daemon(self, proc, lines):
         """A buckd that vanished under a command must have been SIGKILLed or SIGSTOPped
         by us (then maybe SIGKILLed as wedged), or have run `debug crash`."""
-        lost = re.search(r"lost buckd \(pid (\d+)\)", "\n".join(lines))
+        lost = re.search(rf"lost {re.escape(self.names.DAEMON)} \(pid (\d+)\)", "\n".join(lines))
         if not lost or any("`buck debug crash` was invoked" in line for line in lines):
             return
         pid = int(lost[1])
@@ -366,7 +395,7 @@ class Soak:
         try:
             loop(*args)
         except Exception as e:
-            self.violation("soak error (a bug of chaos_buckd)", f"{loop.__name__}: {e!r}")
+            self.violation("soak error (a bug of tools/chaos.py)", f"{loop.__name__}: {e!r}")
 
     def work(self, rng):
         """Until the deadline: a version, an isolation dir, an action; run it, check it."""
@@ -380,7 +409,10 @@ class Soak:
                     "hash": ["hash", *rng.choice(HASH_ARGS)], "kill": ["kill"],
                     "sleep": ["debug", "sleep", f"{rng.uniform(0, 2):.2f}"],
                     "burst": ["debug", "sleep", f"{self.opts.burst_sleep:g}"],
-                    "crash": ["debug", "crash"]}[action]
+                    "status_all": ["status", "--all", "--json"] if rng.random() < 0.7
+                    else ["status", "--all"],
+                    "killall": ["killall"], "crash": ["debug", "crash"]}[action]
+            iso = None if action in ALL_DIRS else iso
             procs = [self.spawn(script, iso, args, action)
                      for _ in range(self.opts.burst if action == "burst" else 1)]
             for proc in procs:
@@ -441,7 +473,7 @@ class Soak:
 
     def damage_info(self, rng):
         """buckd.info garbled, truncated to half, or deleted."""
-        path = os.path.join(self.daemon_dir(rng.choice(ISOLATION_DIRS)), "buckd.info")
+        path = os.path.join(self.daemon_dir(rng.choice(ISOLATION_DIRS)), self.names.INFO_FILE)
         how = rng.choice(("garbled", "truncated", "deleted"))
         if how == "garbled":
             with open(path, "r+b") as f:
@@ -450,23 +482,23 @@ class Soak:
             os.truncate(path, os.path.getsize(path) // 2)
         else:
             os.unlink(path)
-        return f"buckd.info {how}"
+        return f"{self.names.INFO_FILE} {how}"
 
     def pid_names_decoy(self, rng):
         """buckd.pid naming a live decoy: rewritten in place (the file buckd still locks)
         or replaced by a new, unlocked file."""
-        path = os.path.join(self.daemon_dir(rng.choice(ISOLATION_DIRS)), "buckd.pid")
+        path = os.path.join(self.daemon_dir(rng.choice(ISOLATION_DIRS)), self.names.PID_FILE)
         decoy = f"{rng.choice(self.decoys).pid}\n"
         if rng.random() < 0.5:
             with open(path, "r+") as f:
                 f.truncate()
                 f.write(decoy)
-            return "buckd.pid rewritten in place"
+            return f"{self.names.PID_FILE} rewritten in place"
         with open(path + ".chaos", "w") as f:
             f.write(decoy)
         os.replace(path + ".chaos", path)
         self.replaced.add(os.path.dirname(path))
-        return "buckd.pid replaced"
+        return f"{self.names.PID_FILE} replaced"
 
     def rotate_decoy(self, rng):
         """Retire a decoy (killed by us: no violation) for a fresh one."""
@@ -558,15 +590,11 @@ class Soak:
             self.violation("left running", f"pid {p.pid}: {argv}")
 
     def lifecycle_check(self):
-        """lifecycle.check() over the log, if lifecycle.py sits next to this file."""
-        path = os.path.join(HERE, "lifecycle.py")
-        if not os.path.exists(path) or not os.path.exists(self.log):
+        """lifecycle.check() over the log."""
+        if not os.path.exists(self.log):
             self.check_lost_daemons([])
-            return "skipped: no lifecycle.py next to chaos_buckd.py, or no log written"
+            return "skipped: no log written"
         try:
-            spec = importlib.util.spec_from_file_location("lifecycle", path)
-            lifecycle = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(lifecycle)
             lines = lifecycle.load(self.log)
             self.check_lost_daemons(lines)
             found = lifecycle.check(lines, killed=set(self.killed))
@@ -580,15 +608,16 @@ class Soak:
                 self.violation("lifecycle", v)
         kept = ""
         if len(found) > len(ours) or self.violations:   # keep the evidence: the temp dir goes
-            kept = os.path.join(tempfile.gettempdir(), f"chaos_buckd-seed{self.opts.seed}.log")
+            kept = os.path.join(tempfile.gettempdir(), f"chaos-seed{self.opts.seed}.log")
             shutil.copy(self.log, kept)
             kept = f"; the log is kept in {kept}"
         return f"{len(found)} violations, {len(ours)} skipped (guarantee 1, buckd.pid replaced){kept}"
 
-    def report(self, lifecycle):
-        out = [f"chaos_buckd: seed {self.opts.seed}, {self.opts.seconds:g} s, "
+    def report(self, checked):
+        out = [f"chaos: seed {self.opts.seed}, {self.opts.seconds:g} s, "
                f"{self.opts.workers} workers, bursts {self.opts.burst}x{self.opts.burst_sleep:g}s, "
-               f"buck {self.versions[self.buck]} ({self.buck}), other {self.versions[self.other]}",
+               f"buck {self.versions[self.buck]} (a copy of {os.path.abspath(self.opts.buck)}), "
+               f"other {self.versions[self.other]}",
                *self.notes, "actions (clients: exit 0 / 1 / 130 after Ctrl-C / SIGKILLed / other):"]
         for action in [*ACTIONS, "final kill"]:
             n = [self.outcomes[action, o] for o in ("0", "1", "130", "killed", "other")]
@@ -603,7 +632,7 @@ class Soak:
             out += [f"  {n:5}  {line}" for line, n in counter.most_common(12)]
             if len(counter) > 12:
                 out.append(f"  ... and {len(counter) - 12} other messages")
-        out.append(f"lifecycle check: {lifecycle}")
+        out.append(f"lifecycle check: {checked}")
         total = sum(map(len, self.violations.values()))
         out.append(f"VIOLATIONS: {total}" if total else "violations: none")
         for kind, details in self.violations.items():
@@ -616,14 +645,14 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workers", type=int, default=6)
-    parser.add_argument("--buck", default=os.path.join(HERE, "buck.py"))
+    parser.add_argument("--buck", default=lifecycle.BUCK)
     parser.add_argument("--burst", type=int, default=20, help="clients in a burst (20)")
     parser.add_argument("--burst-sleep", type=float, default=1, help="their debug sleep (1 s)")
     opts = parser.parse_args(argv)
     if not sys.platform.startswith("linux") or importlib.util.find_spec("grpc") is None:
-        sys.exit("chaos_buckd: needs Linux and a Python with grpc (.venv/bin/python)")
+        sys.exit("chaos: needs Linux and a Python with grpc (.venv/bin/python)")
     soak = Soak(opts)
-    lifecycle, hurry = "skipped: no run", True
+    checked, hurry = "skipped: no run", True
     signal.signal(signal.SIGTERM, signal.default_int_handler)   # clean up as on Ctrl-C
     try:
         soak.setup()
@@ -635,14 +664,14 @@ def main(argv=None):
         try:
             if soak.workers:
                 soak.wind_down(hurry)
-                lifecycle = soak.lifecycle_check()
+                checked = soak.lifecycle_check()
         finally:
             for d in soak.decoys:
                 d.kill()
             shutil.rmtree(soak.tmp, ignore_errors=True)
     if not soak.workers:
         return 130                  # interrupted during the setup: nothing ran
-    print(soak.report(lifecycle))
+    print(soak.report(checked))
     return 1 if soak.violations else 130 if hurry else 0
 
 

@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""bench_buckd: the client's overhead and buckd's start, restart and hashing, as ratios.
+"""bench: the client's overhead and buckd's start, restart and hashing, as ratios.
+
+    .venv/bin/python tools/bench.py          (make bench)
 
 Method. Each row compares a command A with a baseline B measured in the same run, on the
 same machine, with the same interpreter (sys.executable): the floor Python imposes (`python
@@ -8,7 +10,8 @@ same machine, with the same interpreter (sys.executable): the floor Python impos
 of each and print the ratio A/B beside its target. Times are only ever compared with their
 baselines, never with fixed numbers: these machines are noisy.
 
-All runs use a temp HOME and a temp repository (a .buckconfig). "Cold" means after an
+All runs use a temp HOME and a temp repository (a .buckconfig), the buck.py of the parent
+dir of tools/, none of buck's environment variables inherited. "Cold" means after an
 untimed `buck kill`, "warm" with a buckd running. mypy goes into a temp venv (the row is
 skipped if that fails). On exit, even on Ctrl-C, every daemon is stopped, then any process
 still carrying the temp HOME is killed, and the temp dirs are removed. Rows take RUNS
@@ -28,10 +31,11 @@ import tempfile
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PY, BUCK = sys.executable, os.path.join(HERE, "buck.py")
+import lifecycle                    # beside us in tools/: load_buck(), other_version()
+
+ROOT, BUCK, PY = lifecycle.ROOT, lifecycle.BUCK, sys.executable
+buck = lifecycle.load_buck()        # `import buck` from ROOT: its names (MARKER, LOG_ENV...)
 RUNS, WARMUP, RACE_RUNS, HASH_RUNS, CLIENTS, RPCS, BUSY = 15, 1, 4, 3, 12, 2000, 100
-SCRIPTS = ("buck.py", "buckd.py", "daemon.proto", "daemon_pb2.py", "daemon_pb2_grpc.py")
 STDLIB = sysconfig.get_paths()["stdlib"]
 HEADER = ("row", "A ms", "B ms", "A/B", "target", "result")
 
@@ -40,10 +44,10 @@ class Bench:
     """The temp HOME and repo, running commands in them, and the table's rows."""
 
     def __init__(self):
-        self.tmp = tempfile.mkdtemp(prefix="bench_buckd.")
+        self.tmp = tempfile.mkdtemp(prefix="bench.")
         self.home, self.repo = self.mkdir("home"), self.mkdir("repo")
-        open(os.path.join(self.repo, ".buckconfig"), "w").close()
-        self.env = dict(os.environ, HOME=self.home)
+        open(os.path.join(self.repo, buck.MARKER), "w").close()
+        self.env = lifecycle.clean_env(buck, HOME=self.home)
         self.rows, self.dmypy, self.channels = [], None, []
 
     def mkdir(self, name):
@@ -68,18 +72,14 @@ class Bench:
     def status(self):
         out = subprocess.run([PY, BUCK, "status", "--json"], cwd=self.repo, env=self.env,
                              capture_output=True, check=True).stdout
-        return None if out.startswith(b"no buckd") else json.loads(out)
+        return None if out.startswith(f"no {buck.DAEMON}".encode()) else json.loads(out)
 
     def other_version(self):
-        """A copy of the scripts with one more line: another buck version. Returns its dir."""
+        """A copy of buck.SOURCES with one more line: another buck version. Its buck.py."""
         other = os.path.join(self.tmp, "other-version")
         if not os.path.isdir(other):
-            os.makedirs(other)
-            for name in SCRIPTS:
-                shutil.copy(os.path.join(HERE, name), other)
-            with open(os.path.join(other, "buckd.py"), "a") as f:
-                f.write("# other version\n")
-        return other
+            lifecycle.other_version(BUCK, other)
+        return os.path.join(other, "buck.py")
 
     def fresh_daemon(self):
         self.buck("kill")
@@ -116,7 +116,7 @@ def measure_warm_status(b):
     """Row 2: a warm `buck status` vs the fair floor: the imports every grpc client of this
     API pays, and os._exit as buck.py exits (no interpreter teardown)."""
     b.buck("server")
-    floor = (f"import sys; sys.path.insert(0, {HERE!r}); "
+    floor = (f"import sys; sys.path.insert(0, {ROOT!r}); "
              "import grpc, daemon_pb2, daemon_pb2_grpc, os; os._exit(0)")
     status, imports = alternate(lambda: b.buck("status"), lambda: b.run([PY, "-c", floor]))
     b.row("2 warm buck status vs grpc+stub imports, os._exit", status, imports, "<= 1.0x",
@@ -167,7 +167,7 @@ def measure_cold_start(b):
 
 def measure_version_restart(b):
     """Row 5: `buck server` of the other version than the running buckd's, alternately."""
-    scripts = [BUCK, os.path.join(b.other_version(), "buck.py")]
+    scripts = [BUCK, b.other_version()]
     b.buck("server")
     def restart():
         scripts.reverse()
@@ -210,13 +210,13 @@ def rss_mb(pid):
 def grpc_client(b):
     """(grpc, daemon_pb2, a stub of the running buckd, its metadata), in this process."""
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    sys.path.insert(0, HERE)
+    sys.path.insert(0, ROOT)
     import grpc, daemon_pb2, daemon_pb2_grpc
-    with open(os.path.join(b.status()["daemon_dir"], "buckd.info")) as f:
+    with open(os.path.join(b.status()["daemon_dir"], buck.INFO_FILE)) as f:
         info = json.load(f)
     channel = grpc.insecure_channel(f"127.0.0.1:{info['port']}", options=[("grpc.enable_http_proxy", 0)])
     b.channels.append(channel)
-    return grpc, daemon_pb2, daemon_pb2_grpc.DaemonApiStub(channel), (("buckd-token", info["auth_token"]),)
+    return grpc, daemon_pb2, daemon_pb2_grpc.DaemonApiStub(channel), ((buck.TOKEN_KEY, info["auth_token"]),)
 
 
 def measure_busy_daemon(b):
@@ -266,19 +266,18 @@ def measure_daemon_side(b):
 def measure_log(b):
     """Row 9: the lifecycle log: a step() call with the log off, and a line with it on
     (in-process); a warm `buck status` with the log on vs off."""
-    sys.path.insert(0, HERE)
-    import buck
     def per_call(n=20000):
         start = time.perf_counter()
         for _ in range(n):
             buck.step("bench", daemon_pid=1)
         return (time.perf_counter() - start) / n * 1e6
+    buck.LOG_PATH = None                # off, whatever our own environment says
     off = per_call()
     buck.LOG_PATH = os.path.join(b.tmp, "bench.log")
     on = per_call()
     buck.LOG_PATH = None
     b.row("9 lifecycle log: step() off, on (us per call)", off, on, "off < 0.5 us", off < 0.5)
-    env = dict(b.env, BUCK_LIFECYCLE_LOG=os.path.join(b.tmp, "status.log"))
+    env = dict(b.env, **{buck.LOG_ENV: os.path.join(b.tmp, "status.log")})
     b.buck("server")
     logged, plain = alternate(lambda: b.run([PY, BUCK, "status"], env=env), lambda: b.buck("status"))
     b.row("9 warm status, log on vs off", logged, plain, "<= 1.05x", logged <= 1.05 * plain)
@@ -396,7 +395,7 @@ def machine():
 def main():
     started, b = time.monotonic(), Bench()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))    # clean up as on Ctrl-C
-    print(f"bench_buckd on {machine()}", flush=True)
+    print(f"bench on {machine()}", flush=True)
     try:
         for measure in (measure_client_floor, measure_warm_status, measure_vs_dmypy, measure_cold_start,
                         measure_version_restart, measure_race, measure_busy_daemon, measure_daemon_side,
