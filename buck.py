@@ -1,17 +1,16 @@
 #!/usr/bin/env python3
-"""buck: the client of buckd, the buck daemon. The spec is buck2's daemon_lifecycle.md
-(https://github.com/facebook/buck2/blob/main/app/buck2_daemon/daemon_lifecycle.md); this file
+"""buck: the client of buckd. The spec is buck2's daemon_lifecycle.md
+(https://github.com/facebook/buck2/blob/main/app/buck2_daemon/daemon_lifecycle.md). This file
 holds, in its order: the commands that need no daemon, the daemon directory, "client connection
 and buckd startup" and "buck kill and other daemon restarts". buckd.py holds "daemon process
-flow"; workload.py the commands buckd runs. `help`, `version` and argument errors need no
-daemon and no grpc: slow imports (json, subprocess, grpc) happen where they are needed.
+flow"; workload.py the commands buckd runs. Slow imports (json, grpc) wait until needed.
 """
 import os
 import sys
 import time
 
-# --- The names a vendoring user changes (README, "Vendoring"): here, once; buckd.py and
-# workload.py import them. Renaming TOOL and DAEMON renames everything else.
+# --- The names a vendoring user changes (README, "Vendoring"): here, once. Renaming TOOL and
+# DAEMON renames everything else.
 TOOL, DAEMON = "buck", "buckd"          # the command and its daemon, in messages and usage
 WORKLOAD = "workload"                   # the module of the commands buckd runs
 SOURCES = ("buck.py", "buckd.py", f"{WORKLOAD}.py", "daemon.proto",        # the version: a
@@ -28,7 +27,7 @@ TOKEN_KEY = f"{DAEMON}-token"           # buckd-token: the gRPC metadata with bu
 # every process of the tool reads after the tool (BUCK_...).
 CHECK_INTERVAL_ENV = f"{DAEMON.upper()}_CHECK_INTERVAL"    # BUCKD_CHECK_INTERVAL
 IDLE_TIMEOUT_ENV = f"{DAEMON.upper()}_IDLE_TIMEOUT"        # BUCKD_IDLE_TIMEOUT
-STARTED_ENV = f"{DAEMON.upper()}_STARTED_BECAUSE"          # a client tells the buckd it starts why
+STARTED_ENV = f"{DAEMON.upper()}_STARTED_BECAUSE"          # why a client starts buckd, and who
 INSTANCE_ENV = f"{DAEMON.upper()}_INSTANCE"                # buckd marks the processes it runs
 LOG_ENV = f"{TOOL.upper()}_LIFECYCLE_LOG"                  # BUCK_LIFECYCLE_LOG
 STOP_AT_ENV = f"{TOOL.upper()}_LIFECYCLE_STOP_AT"          # BUCK_LIFECYCLE_STOP_AT
@@ -69,7 +68,6 @@ class Fail(Exception):
 
 
 def say(message):
-    """One line on stderr: `buck: message`."""
     to_stderr(f"{TOOL}: {message}\n".encode(errors="backslashreplace"))
 
 
@@ -82,8 +80,7 @@ def to_stderr(data):
 
 
 def out(data):
-    """Write all of data (str or bytes) to stdout, or fail: a result that cannot be written
-    is a failure (a full disk, a closed stdout), not a traceback."""
+    """Write all of data to stdout, or fail: a full disk or a closed stdout is a failure."""
     view = memoryview(data.encode() if isinstance(data, str) else data)
     try:
         while view:
@@ -93,17 +90,13 @@ def out(data):
 
 
 def shown(name):
-    """A name from outside (a path, an operand, a file's text) as every message shows it: its
-    control characters and undecodable bytes escaped (one line, no terminal escapes), and an
-    empty name as ''."""
+    """A name from outside as every message shows it: one line, escaped; '' if empty."""
     text = os.fsdecode(name) if isinstance(name, bytes) else name
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text) or "''"
 
 
 def standard_fds():
-    """Make fds 0, 1 and 2 valid before anything is opened: else a pipe or socket we open may
-    land there, and our output go into it. A closed one becomes /dev/null, read-only: writing
-    to it fails, as it would have (the daemon redirects all three anyway)."""
+    """Make fds 0-2 valid before we open anything: a closed one gets /dev/null, read-only."""
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
@@ -112,19 +105,18 @@ def standard_fds():
 
 
 def open_file(path, flags=os.O_RDONLY):
-    """os.open that never waits (on a FIFO) and never gains a terminal; in buckd, it never
-    closes an fd of the buckd.pid it holds, which would drop its POSIX lock (buckd.py,
-    lock_pid_file): it refuses that file, and an fd of it opened by a race is kept."""
+    """os.open that never waits on a FIFO; in buckd it refuses buckd.pid (see lock_pid_file)."""
+    refusal = OSError(1, f"{DAEMON}'s own {PID_FILE}, which it holds", path)
     if own_pid_file and os.path.exists(path) and os.path.samestat(os.stat(path), own_pid_file):
-        raise OSError(1, f"{DAEMON}'s own {PID_FILE}, which it holds", path)
+        raise refusal
     fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o600)
     if own_pid_file and os.path.samestat(os.fstat(fd), own_pid_file):
         kept_fds.append(fd)
-        raise OSError(1, f"{DAEMON}'s own {PID_FILE}, which it holds", path)
+        raise refusal
     return fd
 
 
-def read_file(path, limit=-1):
+def read_file(path, limit=1 << 20):
     """The file's bytes (at most `limit`), or None if it cannot be read (missing, a FIFO...)."""
     try:
         with open(open_file(path), "rb") as f:
@@ -134,7 +126,7 @@ def read_file(path, limit=-1):
 
 
 def write_atomically(path, data):
-    """Write a whole file under its final name at once, mode 0600: never seen half-written."""
+    """Write a whole file (0600) under its final name at once: never seen half-written."""
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
@@ -155,20 +147,19 @@ def poll(condition, timeout, interval=POLL_INTERVAL):
 
 
 def seconds(text, name, low, high):
-    """A number from outside (the environment, an operand): plain decimal, from low to high;
-    else a usage error naming it. The one parser of numbers."""
+    """The one parser of numbers from outside: plain decimal, from low to high, or a usage error."""
     if text.isascii() and text.replace(".", "", 1).isdigit() and low <= float(text) <= high:
         return float(text)
     raise Fail(f"{name} must be seconds from {low:g} to {high:g}, not {shown(text)}", EXIT_USAGE)
 
 
 def daemon_settings():
-    """buckd's durations from the environment, checked before anything starts: (check
-    interval, idle timeout or None for never)."""
+    """buckd's (check interval, idle timeout or None) from the environment, checked."""
     def setting(name, default, low):
         text = os.environ.get(name)
         return default if text is None else seconds(text, name, low, MAX_SECONDS)
-    interval, idle = setting(CHECK_INTERVAL_ENV, CHECK_INTERVAL, 0.01), setting(IDLE_TIMEOUT_ENV, IDLE_TIMEOUT, 0)
+    interval = setting(CHECK_INTERVAL_ENV, CHECK_INTERVAL, 0.01)
+    idle = setting(IDLE_TIMEOUT_ENV, IDLE_TIMEOUT, 0)
     if 0 < idle < MIN_IDLE:
         raise Fail(f"{IDLE_TIMEOUT_ENV} must be 0 (never) or at least {MIN_IDLE:g} s: a shorter "
                    f"one ends {DAEMON} before its client can use it", EXIT_USAGE)
@@ -181,7 +172,7 @@ def daemon_settings():
 COMMANDS = {            # name: (usage, help); no help: hidden. workload.COMMANDS adds its own.
     "help": ("", "show this message"),
     "version": ("", "print this client's version"),
-    "status": ("[--json] [--all]", f"report the running {DAEMON} (--all: every one of yours); start none"),
+    "status": ("[--json] [--all]", f"report the running {DAEMON} (--all: every one of yours)"),
     "server": ("[--json]", f"make sure the {DAEMON} of this version runs, then report it"),
     "kill": ("", f"stop the running {DAEMON}"),
     "killall": ("", f"stop every {DAEMON} of yours, in every repository"),
@@ -191,7 +182,7 @@ USAGE_LINE = f"{TOOL} [--isolation-dir NAME] COMMAND ..."
 
 
 def commands():
-    """Every command: ours, then the workload's (from the one module buckd loads too)."""
+    """Every command: ours, then the workload's. (Its usage is its parser.)"""
     try:
         workload = __import__(WORKLOAD)
     except ImportError as e:
@@ -211,24 +202,24 @@ def checksum():
     import zlib                     # (0.1 ms; hashlib costs 6)
     crc = 0
     for name in SOURCES:
-        data = read_file(os.path.join(HERE, name))
+        data = read_file(os.path.join(HERE, name), -1)
         if data is None:
-            raise Fail(f"cannot read {shown(os.path.join(HERE, name))}, one of SOURCES (daemon_pb2*.py "
-                       "are generated from daemon.proto, see README.md)")
+            raise Fail(f"cannot read {shown(os.path.join(HERE, name))}, one of SOURCES "
+                       "(daemon_pb2*.py are generated from daemon.proto, see README.md)")
         crc = zlib.crc32(data, crc)
     return f"{crc:08x}"
 
 
 def parse(argv):
-    """argv -> (isolation dir, command, operands, options) as commands() says; options are
-    {name: value}, "" for a flag."""
-    isolation, argv, table = DEFAULT_ISOLATION, list(argv), commands()
+    """argv -> (isolation dir, command, operands, {option: value, "" for a flag})."""
+    isolation, argv = DEFAULT_ISOLATION, list(argv)
     while argv and argv[0].split("=")[0] == "--isolation-dir":
         word = argv.pop(0)
         isolation = word.partition("=")[2] if "=" in word else (argv.pop(0) if argv else "")
         if not isolation or "/" in isolation or isolation in (".", ".."):
-            raise Fail(f"bad --isolation-dir {shown(isolation)}: a name, not a path (usage: {USAGE_LINE})", EXIT_USAGE)
-    name = max((n for n in table if argv[:len(n.split())] == n.split()), key=len, default=None)
+            raise Fail(f"bad --isolation-dir {shown(isolation)}: a name, not a path "
+                       f"(usage: {USAGE_LINE})", EXIT_USAGE)
+    name = max((n for n in commands() if argv[:len(n.split())] == n.split()), key=len, default=None)
     if name is None:
         raise Fail(f"{f'unknown command {shown(argv[0])}' if argv else 'no command'} "
                    f"(usage: {USAGE_LINE}; see `{TOOL} help`)", EXIT_USAGE)
@@ -262,12 +253,12 @@ def parse_words(name, argv):
 
 def options_of(name):
     """{"--x": whether it takes a value} for the options that a command's usage names."""
-    return {w.strip("[]").split("=")[0]: "=" in w for w in commands()[name][0].split() if w.startswith("[--")}
+    spec = commands()[name][0].split()
+    return {w.strip("[]").split("=")[0]: "=" in w for w in spec if w.startswith("[--")}
 
 
 def check_usage(name, operands, options):
-    """Fail (exit 2) unless the operands and options fit the command's usage. The client
-    checks before sending; buckd again, for any other client."""
+    """Fail unless operands and options fit the usage: the client checks, and buckd again."""
     unknown = sorted(set(options) - {key[2:] for key in options_of(name)})
     if unknown:
         raise Fail(f"unknown option --{shown(unknown[0])}", EXIT_USAGE)
@@ -284,9 +275,9 @@ def usage_error(name, message):
 
 
 def usage():
-    shown_commands = [(f"{name} {args}".strip(), text) for name, (args, text) in commands().items() if text]
-    width = max(len(left) for left, _ in shown_commands) + 2
-    lines = "".join(f"  {left:<{width}}{text}\n" for left, text in shown_commands)
+    listed = [(f"{name} {args}".strip(), text) for name, (args, text) in commands().items() if text]
+    width = max(len(left) for left, _ in listed) + 2
+    lines = "".join(f"  {left:<{width}}{text}\n" for left, text in listed)
     return (f"usage: {USAGE_LINE}\n\ncommands:\n{lines}\noptions:\n  --isolation-dir NAME  "
             f"use a separate {DAEMON} (default {DEFAULT_ISOLATION}), with its own daemon dir\n")
 
@@ -295,10 +286,10 @@ def main(argv):
     """`buck ARGV`: returns the exit code. Every failure is one line on stderr."""
     standard_fds()
     try:
-        if not argv or argv[0] in ("help", "-h", "--help"):
-            if not argv:
-                to_stderr(usage().encode())
-                return EXIT_USAGE
+        if not argv:
+            to_stderr(usage().encode())
+            return EXIT_USAGE
+        if argv[0] in ("help", "-h", "--help"):
             out(usage())
             return 0
         isolation, name, operands, options = parse(argv)
@@ -325,8 +316,7 @@ def main(argv):
 
 
 def interrupted(*_):
-    """Ctrl-C, once grpc may be loaded: exit at once (a KeyboardInterrupt could land in a grpc
-    finalizer, which swallows it). Our connection's end stops our command in buckd."""
+    """Ctrl-C once grpc may be loaded: exit now (grpc finalizers swallow KeyboardInterrupt)."""
     if trace["locked"]:
         try:
             step("restart.6")
@@ -344,9 +334,7 @@ trace = {"role": "client", "dir": None, "locked": False, "run": {}}     # buckd:
 
 
 def step(name, /, **fields):
-    """Record that this process has taken step `name` of the doc. `run` tells apart two
-    processes that had the same pid. The log never fails a command and never holds an fd:
-    a tty, /dev/stderr (a launcher's pipe) or a FIFO are opened, written and closed."""
+    """Log step `name` of this process; never fail a command, never keep the log's fd."""
     if LOG_PATH:
         import json
         run = trace["run"].setdefault(os.getpid(), os.urandom(4).hex())
@@ -387,8 +375,13 @@ def repository_root():
 
 def daemon_dir(isolation):
     """$HOME/.buck/buckd/<repo root without its leading />/<isolation dir>."""
-    d = trace["dir"] = os.path.join(daemons_home(), repository_root().lstrip("/"), isolation)
-    return d
+    trace["dir"] = os.path.join(daemons_home(), repository_root().lstrip("/"), isolation)
+    return trace["dir"]
+
+
+def all_daemon_dirs():
+    """Every daemon dir of this user: a dir under daemons_home() with buckd.pid or buckd.info."""
+    return sorted(top for top, _, names in os.walk(daemons_home()) if {PID_FILE, INFO_FILE} & set(names))
 
 
 def make_private_dirs(d):
@@ -400,27 +393,27 @@ def make_private_dirs(d):
         os.umask(old)
 
 
-def parse_info(raw):
+def read_info(d):
     """buckd.info as a dict, or None if it is not a complete, valid one, whatever is wrong."""
+    return parse_info(read_file(os.path.join(d, INFO_FILE)))
+
+
+def parse_info(raw):
     import json
     try:
         info = json.loads(raw or b"")
-        if (all(type(info.get(k)) is t for k, t in (("pid", int), ("port", int), ("version", str),
-                                                     ("auth_token", str), ("start_time", float)))
-                and 0 < info["port"] < 65536 and info["auth_token"].isascii() and info["auth_token"].isalnum()):
+        fields = (("pid", int), ("port", int), ("version", str), ("auth_token", str))
+        if all(type(info.get(key)) is kind for key, kind in fields) and 0 < info["port"] < 65536 \
+                and info["auth_token"].isascii() and info["auth_token"].isalnum():
             return info
     except (ValueError, RecursionError, AttributeError):
         pass
     return None
 
 
-def read_info(d):
-    return parse_info(read_file(os.path.join(d, INFO_FILE), 1 << 16))
-
-
 def instance(info):
     """What tells one buckd from any other, now or later, without its secret token."""
-    return f"{info['pid']}@{info['start_time']!r}"
+    return f"{info['pid']}@{info.get('start_time')!r}"
 
 
 def lock_holder(fd):
@@ -428,16 +421,15 @@ def lock_holder(fd):
     import fcntl
     import struct
     linux = sys.platform.startswith("linux")    # struct flock's layout differs on macOS, BSD
-    layout, query = ("hhqqi", (fcntl.F_WRLCK, 0, 0, 0, 0)) if linux else ("qqihh", (0, 0, 0, fcntl.F_WRLCK, 0))
+    layout = "hhqqi" if linux else "qqihh"
+    query = (fcntl.F_WRLCK, 0, 0, 0, 0) if linux else (0, 0, 0, fcntl.F_WRLCK, 0)
     answer = struct.unpack(layout, fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(layout, *query)))
     kind, pid = (answer[0], answer[4]) if linux else (answer[3], answer[2])
     return None if kind == fcntl.F_UNLCK else pid
 
 
 def holder(d):
-    """The pid of the running buckd as the kernel knows it (who holds buckd.pid's lock, a POSIX
-    record lock: see buckd.lock_pid_file), or None if none runs. (0 is a holder in another pid
-    namespace: alive, but not ours to signal.)"""
+    """The running buckd's pid, as the kernel knows who holds buckd.pid's lock; or None."""
     try:
         fd = open_file(os.path.join(d, PID_FILE))
     except OSError:
@@ -472,19 +464,18 @@ def load_grpc():
 
 
 class Connection:
-    """A channel to the buckd that a buckd.info names. Its token, sent with every call, is also
-    that buckd's identity: a buckd started later on the same port refuses it."""
+    """A channel to the buckd a buckd.info names; its token is also that buckd's identity."""
 
     def __init__(self, info):
         load_grpc()
         self.pid = info["pid"]
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{info['port']}",
-                                             options=[("grpc.enable_http_proxy", 0)])
-        self.stub = pb_grpc.DaemonApiStub(self.channel)
+        channel = grpc.insecure_channel(f"127.0.0.1:{info['port']}", options=[("grpc.enable_http_proxy", 0)])
+        self.stub = pb_grpc.DaemonApiStub(channel)
         self.metadata = ((TOKEN_KEY, info["auth_token"]),)
 
     def status(self, timeout=STATUS_TIMEOUT):
-        return self.stub.Status(pb.StatusRequest(), timeout=timeout, metadata=self.metadata)
+        """The Status call, under way: .result() is the reply, or raises its grpc.RpcError."""
+        return self.stub.Status.future(pb.StatusRequest(), timeout=timeout, metadata=self.metadata)
 
     def kill(self, reason):
         """Ask buckd to shut down. False if the call failed (wedged, or gone already)."""
@@ -505,12 +496,11 @@ NO_DAEMON, CORRUPT, NOT_USABLE, MISMATCH, VANISHED = (
 
 
 def connect(d, isolation):
-    """Steps 1-3 of "client connection", and a (re)start when they fail (ATTEMPTS times at most):
-    a Connection to a buckd of this client's version, and its Status reply."""
+    """Steps 1-3 of "client connection", and a (re)start when they fail: (Connection, Status)."""
     for _ in range(ATTEMPTS):
-        raw = read_file(os.path.join(d, INFO_FILE), 1 << 16)    # 1. read buckd.info
+        raw = read_file(os.path.join(d, INFO_FILE))     # 1. read buckd.info
         step("connect.1", found=raw is not None)
-        conn, reply, why = check_version(raw)                   # 2-3. connect, check the version
+        conn, reply, why = check_version(raw)           # 2-3. connect, check the version
         if conn:
             return conn, reply
         restart(d, isolation, raw, why)
@@ -519,14 +509,13 @@ def connect(d, isolation):
 
 
 def check_version(raw, timeout=STATUS_TIMEOUT):
-    """Steps 2-3: connect to the buckd that `raw` (buckd.info) names, ask its Status. Returns
-    (connection, reply, None), or (None, None, (outcome, why buckd must be (re)started))."""
+    """Steps 2-3: (connection, Status reply, None) or (None, None, (outcome, why))."""
     info = parse_info(raw)
     if info is None:
         return None, None, (CORRUPT, f"{INFO_FILE} is corrupt") if raw else (NO_DAEMON, f"no {DAEMON} was running")
     conn = Connection(info)
     try:
-        reply = conn.status(timeout)
+        reply = conn.status(timeout).result()
     except grpc.RpcError as e:
         return None, None, (NOT_USABLE, f"{DAEMON} (pid {info['pid']}) is not usable ({rpc_error(e)})")
     step("connect.3", daemon_pid=reply.pid, daemon_version=reply.version, ok=reply.version == version())
@@ -536,23 +525,20 @@ def check_version(raw, timeout=STATUS_TIMEOUT):
 
 
 def restart(d, isolation, seen, why):
-    """"To start/restart the buckd process", steps 1-6; then the caller repeats the connection
-    steps. Unless, once we hold the lock, the buckd we saw (`seen`: buckd.info's bytes) no
-    longer needs it: another client has just started one, or it answers after all."""
+    """"To start/restart the buckd process", steps 1-6, unless buckd no longer needs it."""
     with lifecycle_lock(d):                             # 1. lock the "lifecycle.lock" file
         if another_client_restarted(d, seen) or answers_now(seen, why):
             return
         why = explain(d, seen, why)
         may_restart(seen, why)
         say(f"{'starting' if why[0] in (NO_DAEMON, VANISHED) else 'restarting'} {DAEMON}: {why[1]}")
-        kill_daemon(d, f"{DAEMON} was restarted by pid {os.getpid()}: {why[1]}")   # 2-3. kill; exited?
+        kill_daemon(d, f"{DAEMON} was restarted by pid {os.getpid()}: {why[1]}")   # 2-3. kill it
         start_daemon(d, isolation, why)                 # 4-5. run `buck daemon`, wait until ready
     # 6. release the "lifecycle.lock" file (on leaving `with`)
 
 
 def another_client_restarted(d, seen):
-    """Did another client start buckd since we read `seen`? A buckd that it may have started
-    and that buckd.info does not name yet (locked less than START_TIMEOUT ago) is waited for."""
+    """Has buckd.info changed since `seen`? First wait for a buckd still starting."""
     pid, named = holder(d), lambda: (read_info(d) or {}).get("pid") == pid
     try:
         age = time.time() - os.stat(os.path.join(d, PID_FILE)).st_mtime
@@ -560,33 +546,35 @@ def another_client_restarted(d, seen):
         age = START_TIMEOUT
     if pid and 0 <= age < START_TIMEOUT and not named():
         poll(lambda: holder(d) != pid or named(), START_TIMEOUT - age)
-    return read_file(os.path.join(d, INFO_FILE), 1 << 16) != seen
+    return read_file(os.path.join(d, INFO_FILE)) != seen
 
 
 def answers_now(seen, why):
-    """A buckd that did not answer in time may have been healthy while *we* were paused (Ctrl-Z,
-    a laptop's sleep): ask that very buckd (its token) once more before we kill it."""
+    """Ask the buckd that did not answer once more: maybe *we* were paused (Ctrl-Z, sleep)."""
     return why[0] == NOT_USABLE and check_version(seen, RECHECK_TIMEOUT)[0] is not None
 
 
 def explain(d, seen, why):
-    """Why we start buckd, with how the last one ended. If the buckd that `seen` names died
-    without removing it, say so with its log's tail, and keep its logs in prev/."""
+    """Why we start buckd, with how the last one ended; a crash is said, its logs kept."""
     info = parse_info(seen)
     if info and holder(d) is None:
         keep_logs(d)
         say(f"{DAEMON} crashed, see {crash_log(d, info['pid'])}")
-        return VANISHED, f"{DAEMON} (pid {info['pid']}) crashed or vanished ({how_it_ended(d) or 'no record'})"
+        end = how_it_ended(d) or "no record"
+        return VANISHED, f"{DAEMON} (pid {info['pid']}) crashed or vanished ({end})"
     end = how_it_ended(d) if why[0] == NO_DAEMON else None
     return why[0], why[1] + (f" (the last one, {end})" if end else "")
 
 
 def may_restart(seen, why):
-    """Fail rather than restart if this client's own files changed since it started (the
-    buckd it would start is of another version), or if it runs inside that very buckd."""
+    """Fail on bad settings, on our own files changed on disk, or inside the buckd to kill."""
+    try:
+        daemon_settings()
+    except Fail as e:
+        raise Fail(f"{DAEMON} cannot start: {e}") from None
     if checksum() != version():
         raise Fail(f"{TOOL}'s files changed on disk since this command started (an upgrade?): "
-                   f"run it again; killing nothing")
+                   "run it again; killing nothing")
     info = parse_info(seen)
     if info and why[0] != VANISHED and os.environ.get(INSTANCE_ENV) == instance(info):
         raise Fail(f"this command runs inside {DAEMON} (pid {info['pid']}), which it would have "
@@ -594,8 +582,7 @@ def may_restart(seen, why):
 
 
 def keep_logs(d):
-    """Move buckd.stdout, buckd.stderr and buckd.end into prev/, where they outlive the next
-    start (done by buckd as it starts, and by a client that finds buckd dead)."""
+    """Move buckd.stdout, .stderr and .end into prev/, where they outlive the next start."""
     make_private_dirs(os.path.join(d, PREV_DIR))
     for name in (STDOUT_FILE, STDERR_FILE, END_FILE):
         try:
@@ -606,7 +593,7 @@ def keep_logs(d):
 
 def crash_log(d, pid):
     """Buckd `pid`'s stderr, found by the pid its first line names, and its last lines."""
-    logs = [(path, read_file(path) or b"") for path in
+    logs = [(path, read_file(path, -1) or b"") for path in
             (os.path.join(d, STDERR_FILE), os.path.join(d, PREV_DIR, STDERR_FILE))]
     path, text = next(((p, t) for p, t in logs if f" pid {pid} ".encode() in t[:200]), logs[0])
     lines = text[-8192:].decode(errors="replace").splitlines()[-TAIL_LINES:]
@@ -614,9 +601,7 @@ def crash_log(d, pid):
 
 
 def how_it_ended(d):
-    """How the last buckd of d ended, in words, from its END_FILE (in d or, once the logs have
-    moved, in prev/), or None if none is known. buckd writes the file as it starts and as it
-    ends: a file that still says it runs is a buckd that vanished without a word."""
+    """How d's last buckd ended (its END_FILE, in d or prev/), in words; or None."""
     for where in (d, os.path.join(d, PREV_DIR)):
         end = end_record(where)
         if end.get("how"):
@@ -627,18 +612,17 @@ def how_it_ended(d):
 
 
 def end_record(where):
-    """END_FILE in dir `where` as a dict ({"pid", and once it ended "how" and "why"}), or {}."""
+    """END_FILE in dir `where`: {"pid"}, and once that buckd ended "how" and "why"; or {}."""
     import json
     try:
-        end = json.loads(read_file(os.path.join(where, END_FILE), 1 << 16) or b"")
+        end = json.loads(read_file(os.path.join(where, END_FILE)) or b"")
         return end if type(end) is dict and type(end.get("pid")) is int else {}
     except (ValueError, RecursionError):
         return {}
 
 
 def record_end(d, pid, how, why):
-    """Write how buckd `pid` ended, unless that is written already: a client that kills it by
-    a signal writes who and why first (a signal does not say), and buckd keeps that."""
+    """Write how buckd `pid` ended, unless written already (a killer writes first)."""
     import json
     if end_record(d).get("pid") != pid or not end_record(d).get("how"):
         write_atomically(os.path.join(d, END_FILE), json.dumps({"pid": pid, "how": how, "why": why}).encode())
@@ -647,8 +631,7 @@ def record_end(d, pid, how, why):
 # "When the client is killing or starting the buckd process, it will grab an exclusive lock
 # on the "lifecycle.lock" file in the daemon directory"
 class lifecycle_lock:
-    """Held while this client kills or starts buckd: a flock, released by the kernel however its
-    holder dies. The holder writes its pid and command line in it, for waiting clients to name."""
+    """The flock a client holds to kill or start buckd; it names its holder inside."""
 
     def __init__(self, d):
         self.d = d
@@ -682,11 +665,10 @@ class lifecycle_lock:
 
 
 def kill_daemon(d, reason):
-    """Steps 2-3 of "start/restart": send buckd a kill, then make sure, by pid, that it has exited
-    (SIGTERM if the call fails, SIGKILL as the last resort). Returns the pid, or None."""
+    """Steps 2-3: ask buckd to exit, then see it gone by pid (SIGTERM, then SIGKILL)."""
     import signal
     pid = holder(d)
-    step("restart.2", daemon_pid=pid)
+    step("restart.2", daemon_pid=pid, reason=reason)
     if pid is None:
         return None
     info, how = read_info(d), "rpc"
@@ -704,9 +686,7 @@ def kill_daemon(d, reason):
 
 
 def signal_buckd(d, pid, sig, reason):
-    """Signal pid only if the kernel says it holds buckd.pid's lock: never a process that a
-    stale or forged buckd.pid names, never 0 or 1 (a process group, init), never us. First
-    record who kills it and why: a signal does not say."""
+    """Record who kills pid and why, then signal it, only if it holds buckd.pid's lock."""
     if pid > 1 and pid != os.getpid() and holder(d) == pid:
         record_end(d, pid, "kill", f"{reason} ({sig.name})")
         try:
@@ -716,8 +696,7 @@ def signal_buckd(d, pid, sig, reason):
 
 
 def start_daemon(d, isolation, why):
-    """Steps 4-5 of "start/restart": run `buck daemon`, which exits once buckd serves. Why we
-    start it, and who we are, go to buckd in its environment (argv is public in `ps`)."""
+    """Steps 4-5: run `buck daemon`, which exits once buckd serves; why goes in its env."""
     import json
     import subprocess
     told = json.dumps({"why": why[1], "by": f"pid {os.getpid()}: {shown(' '.join(sys.argv))}"})
@@ -745,8 +724,7 @@ def start_daemon(d, isolation, why):
 # --- "buck kill and other daemon restarts", and the commands that report daemons
 
 def cmd_kill(isolation, options):
-    """`buck kill`: steps 1-3 and 6 of "start/restart". The user's word: it stands even for a
-    command running inside that buckd."""
+    """`buck kill`: steps 1-3 and 6 of "start/restart"; the user's word, even from inside buckd."""
     d = daemon_dir(isolation)
     with lifecycle_lock(d):
         pid = kill_daemon(d, f"`{TOOL} kill` was invoked by pid {os.getpid()}")
@@ -755,8 +733,7 @@ def cmd_kill(isolation, options):
 
 
 def cmd_killall(isolation, options):
-    """`buck killall`: `kill` in every daemon dir of this user, each under its own lock, but
-    never the buckd that runs this very command. Exit 1 if any is left running."""
+    """`buck killall`: `kill` in every daemon dir, but never the buckd running us."""
     failures = 0
     for d in all_daemon_dirs():
         trace["dir"] = d
@@ -773,19 +750,13 @@ def cmd_killall(isolation, options):
     return EXIT_FAILED if failures else 0
 
 
-def all_daemon_dirs():
-    """Every daemon dir under $HOME/.buck/buckd: a dir that holds buckd.pid or buckd.info."""
-    return sorted(top for top, _, files in os.walk(daemons_home()) if PID_FILE in files or INFO_FILE in files)
-
-
 def cmd_server(isolation, options):
     """Make sure a buckd of this client's version runs, then report it."""
     return print_status([status_fields(connect(daemon_dir(isolation), isolation)[1])], "json" in options)
 
 
 def cmd_status(isolation, options):
-    """Report the running buckd, whatever its version; never start one. --all: every buckd of
-    this user, all asked at once, so that wedged ones cost one timeout in all."""
+    """Report buckd (--all: every one, asked at once), whatever its version; start none."""
     every = "all" in options
     asked = [(d, *ask_status(d)) for d in (all_daemon_dirs() if every else [daemon_dir(isolation)])]
     rows = [status_row(*row, patience=0 if every else EXIT_TIMEOUT) for row in asked]
@@ -795,18 +766,13 @@ def cmd_status(isolation, options):
 
 
 def ask_status(d):
-    """(pid, info, call): who holds d's buckd.pid, d's buckd.info and, if it names that pid,
-    a Status call to it, under way."""
+    """(who holds d's buckd.pid, d's buckd.info, a Status call under way if that names it)."""
     pid, info = holder(d), read_info(d)
-    if not (info and info["pid"] == pid):
-        return pid, info, None
-    conn = Connection(info)
-    return pid, info, conn.stub.Status.future(pb.StatusRequest(), timeout=STATUS_TIMEOUT, metadata=conn.metadata)
+    return pid, info, Connection(info).status() if info and info["pid"] == pid else None
 
 
 def status_row(d, pid, info, call, patience):
-    """What `status` says of daemon dir d: a dict whose state is running, not responding,
-    starting, dead (buckd.info names no lock holder) or none (no buckd.info either)."""
+    """d as `status` shows it: running, not responding, starting, dead or none."""
     if call:
         try:
             return status_fields(call.result())
@@ -843,13 +809,13 @@ def status_line(row):
     """One line of `status --all`."""
     if row["state"] != "running":
         return f"{shown(row['daemon_dir'])}: {row['state']} (pid {row['pid']})"
-    return (f"{shown(row['daemon_dir'])}: pid {row['pid']}, version {row['version']}, up {row['uptime_s']:.0f} s, "
-            f"{row['active_commands']} running, idle {row['idle_s']:.0f} s, started because: {row['started_because']}")
+    return (f"{shown(row['daemon_dir'])}: pid {row['pid']}, version {row['version']}, "
+            f"up {row['uptime_s']:.0f} s, {row['active_commands']} running, idle {row['idle_s']:.0f} s, "
+            f"started because: {row['started_because']}")
 
 
 def run_command(d, isolation, name, operands, options):
-    """A command that runs in buckd, sent on the very connection whose version was checked, its
-    output streamed as it comes. Until buckd accepts it we may resend it; after, never."""
+    """Send a command to buckd on the checked connection; resend only until it is accepted."""
     import queue
     import threading
     load_grpc()
@@ -891,9 +857,7 @@ def run_command(d, isolation, name, operands, options):
 
 
 def read_stream(stream, events):
-    """Put a stream's events in a queue, then None; or the error that ended it. (The main
-    thread waits on the queue, with a timeout where it needs one: a grpc call whose connection
-    went away at the wrong moment can wait forever, even once cancelled.)"""
+    """Queue a stream's events, then None or its error (the reader waits with a timeout)."""
     try:
         for event in stream:
             events.put(event)
@@ -903,8 +867,7 @@ def read_stream(stream, events):
 
 
 def handshake(request, accepted):
-    """Our side of a Command stream (daemon.proto): the command, then, once buckd has
-    accepted it, the empty go-ahead that lets buckd run it."""
+    """Our side of a Command stream: the command, then the go-ahead once it is accepted."""
     yield request
     accepted.wait()
     yield pb.CommandRequest()

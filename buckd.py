@@ -1,8 +1,8 @@
 """buckd: the buck daemon. This file holds "daemon process flow" of buck2's daemon_lifecycle.md
 (https://github.com/facebook/buck2/blob/main/app/buck2_daemon/daemon_lifecycle.md), in its
 order: `buck daemon` daemonizes (main); buckd locks buckd.pid, redirects its output, serves
-the DaemonApi and writes buckd.info (run); then it serves until one of the ways to shut down
-(serve). The commands it runs are workload.py's, through one seam: workload.COMMANDS.
+the DaemonApi, writes buckd.info (run), until one of the ways to shut down (serve). The commands
+it runs are workload.py's, through one seam: workload.COMMANDS.
 """
 import fcntl
 import hmac
@@ -25,14 +25,12 @@ GRACE = 2.0             # seconds running commands get, at shutdown, to say why 
 MAX_COMMANDS = 256      # commands running at once; one more is refused: buckd is busy
 SPARE_THREADS = 16      # server threads beyond those: Status and Kill never queue
 grpc = pb = workload = None     # imported after daemonizing: grpc must not cross a fork
-ours = {}               # "dir" and "pid_fd" once buckd.pid is locked: what a panic records in
+ours = {}               # "dir" and "pid_fd" once buckd.pid is locked
 
 
 # "The daemon process is started with the (hidden) `buck daemon` command."
 def main(d, root):
-    """`buck daemon`: start buckd for daemon dir `d` of repository `root`. Returns `buck daemon`'s
-    exit code: 0 once buckd serves, 3 if another buckd holds buckd.pid, 2 for a bad setting,
-    else 1 (the reason on stderr)."""
+    """`buck daemon`: start buckd; 0 once it serves, 3 if one runs, 2 bad setting, else 1."""
     interval, idle = buck.daemon_settings()
     why, by = started_because()
     buck.trace["role"] = "daemon"
@@ -40,27 +38,25 @@ def main(d, root):
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # a Ctrl-C meant for our client must not
     read_end, write_end = os.pipe()                 # stop the buckd it starts
     child = os.fork()
-    if child:                       # `buck daemon`: wait for buckd's word
+    if child:                       # `buck daemon`: wait for buckd's word, "CODE message"
         os.close(write_end)
         os.waitpid(child, 0)        # the intermediate process exits at once
         with os.fdopen(read_end, "rb") as pipe:
-            word = pipe.read().decode(errors="replace")   # "CODE message", or "" if buckd died
-        code, _, message = word.partition(" ") if word else (
-            buck.EXIT_FAILED, "", f"{DAEMON} exited during startup, see {os.path.join(d, STDERR_FILE)}")
+            word = pipe.read().decode(errors="replace") or f"1 {DAEMON} exited during startup, " \
+                f"see {os.path.join(d, STDERR_FILE)}"   # (nothing: buckd died)
+        code, _, message = word.partition(" ")
         buck.to_stderr(f"{message}\n".encode() if message else b"")
         return int(code)
     os.close(read_end)
     daemonize(root)
     try:
-        code = run(d, root, interval, idle, why, by, ready=write_end)
+        os._exit(run(d, root, interval, idle, why, by, ready=write_end))
     except BaseException as e:
         panic(e)
-    os._exit(code)
 
 
 def started_because():
-    """Why this buckd is started, and by whom: what the client put in STARTED_ENV (not in argv:
-    every user can read that in `ps`), removed so that the commands we run do not inherit it."""
+    """(why, by whom) this buckd starts, from STARTED_ENV, which we remove: argv is public."""
     try:
         told = json.loads(os.environ.pop(buck.STARTED_ENV))
         return str(told["why"]), str(told["by"])
@@ -69,67 +65,61 @@ def started_because():
 
 
 def daemonize(root):
-    """The classic recipe (Stevens, APUE 13.3; PEP 3143), each step for a reason. (fds 0-2
-    are valid already: buck.standard_fds.)"""
+    """The classic recipe (Stevens, APUE 13.3; PEP 3143), each step for a reason."""
     os.setsid()                     # a session of our own: no terminal, no client's signals
     if os.fork():
         os._exit(0)                 # not a session leader: can never acquire a terminal
     os.chdir("/")                   # keep no directory busy
     os.umask(0o077)                 # every file we create is private
-    name_process(f"{DAEMON}[{os.path.basename(root)}]")     # findable in `ps` and `top`
-
-
-def name_process(name):
-    """Our name in `ps` and `top`: on Linux the 15-byte comm, inherited by the threads we start
-    later. Elsewhere the stdlib cannot, and we stay `python`."""
-    try:
-        import ctypes
-        ctypes.CDLL(None).prctl(15, os.fsencode(name)[:15], 0, 0, 0)     # 15: PR_SET_NAME
+    try:                            # our name in `ps` and `top`, which our threads inherit
+        import ctypes               # (Linux: PR_SET_NAME, 15 bytes; elsewhere we stay python)
+        ctypes.CDLL(None).prctl(15, os.fsencode(f"{DAEMON}[{os.path.basename(root)}]")[:15], 0, 0, 0)
     except (OSError, AttributeError):
         pass
 
 
 def run(d, root, interval, idle, why, by, ready):
-    """buckd from start to exit, as "daemon process flow" tells it. Startup errors are told
-    to `buck daemon`; anything else unexpected is a panic."""
+    """buckd from start to exit, as "daemon process flow" tells it."""
     wake = watch_signals()
     try:
-        pid_fd = lock_pid_file(d)           # "write its pid to a locked file buckd.pid"
-    except AlreadyRunning as e:
-        return tell(ready, buck.EXIT_ALREADY_RUNNING, str(e))
-    except OSError as e:
-        return tell(ready, buck.EXIT_FAILED, f"{DAEMON} cannot lock {buck.shown(e.filename)}: {e.strerror}")
-    step("daemon.locked")
-    ours.update(dir=d, pid_fd=pid_fd)
-    try:
-        redirect_stdio(d)                   # "It redirects its stdout and stderr to files"
+        pid_fd = lock_pid_file(d)               # "write its pid to a locked file buckd.pid"
+        step("daemon.locked")
+        redirect_stdio(d)                       # "It redirects its stdout and stderr to files"
         previous = log_start(d, why, by)
-        server, api = start_server(d, wake[1], why, by, previous)   # "starts up the grpc DaemonApi"
-        info_id = write_info(d, api)        # "write the port it is running on ... to buckd.info"
-    except OSError as e:                    # e.g. a daemon dir we may not write in
-        log(f"cannot start: {e}")
-        step("daemon.shutdown", reason=str(e), path="startup")
-        step("daemon.exit")
-        return tell(ready, buck.EXIT_FAILED, f"{DAEMON} cannot start: {buck.shown(e.filename)}: {e.strerror}")
+        server, api = start_server(d, wake[1], why, by, previous)  # "starts up the DaemonApi"
+        info_id = write_info(d, api)            # "write the port ... to the buckd.info file"
+    except (AlreadyRunning, OSError) as e:
+        return startup_failed(ready, e)
     step("daemon.serving", port=api.port)
     log(f"serving on 127.0.0.1:{api.port}")
-    tell(ready, 0, "")                      # "Once that is done, the server is ready"
+    tell(ready, 0, "")                          # "Once that is done, the server is ready"
     how, reason = serve(api, d, root, pid_fd, info_id, wake[0], interval, idle)
     api.shutdown(reason)
     step("daemon.shutdown", reason=reason, path=how)
     log(f"shutting down ({how}): {reason}")
     record_end(how, reason)
-    server.stop(GRACE).wait()               # running commands get to say why they end
-    if still_ours(d, pid_fd, INFO_FILE, info_id):
+    server.stop(GRACE).wait()                   # running commands get to say why they end
+    if still_ours(INFO_FILE, info_id):
         os.unlink(os.path.join(d, INFO_FILE))
     step("daemon.exit")
     return 0
 
 
+def startup_failed(ready, e):
+    """Tell `buck daemon` why buckd cannot start (exit 3: another one holds buckd.pid)."""
+    if isinstance(e, AlreadyRunning):
+        return tell(ready, buck.EXIT_ALREADY_RUNNING, str(e))
+    if ours:                                    # (we hold buckd.pid, and may have a log)
+        log(f"cannot start: {e}")
+        step("daemon.shutdown", reason=str(e), path="startup")
+        step("daemon.exit")
+    return tell(ready, buck.EXIT_FAILED, f"{DAEMON} cannot {'start' if ours else 'lock'} "
+                f"{buck.shown(e.filename or '?')}: {e.strerror}")
+
+
 def watch_signals():
-    """SIGTERM and SIGINT ask buckd to shut down: Python's C handler writes the signal's number
-    to a pipe that serve() waits on, as does the Kill call; the Python handlers do nothing (one
-    runs in the main thread, maybe while it holds a lock). Returns (read end, write end)."""
+    """SIGTERM, SIGINT wake serve() through a pipe, as Kill does; their handlers do nothing:
+    a Python handler may run while the main thread holds a lock."""
     wake = os.pipe()
     for fd in wake:
         os.set_blocking(fd, False)
@@ -144,23 +134,22 @@ class AlreadyRunning(Exception):
 
 
 # "write its pid to a locked file "buckd.pid" ... locked exclusively by the daemon process
-# until it exits"
+# until it exits". A POSIX record lock, so that clients can ask the kernel who holds it
+# (buck.holder); it drops when we close *any* fd of the file: buck.open_file refuses it.
 def lock_pid_file(d):
-    """Lock buckd.pid, then write our pid in it (truncate only once locked). A POSIX record lock,
-    so that clients can ask the kernel who holds it (buck.holder); it is dropped when its holder
-    closes *any* fd of the file, so buckd never opens buckd.pid again (buck.open_file refuses)."""
+    """Lock buckd.pid, then write our pid in it (truncate only once locked)."""
     fd = buck.open_file(os.path.join(d, PID_FILE), os.O_RDWR | os.O_CREAT)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(0, "not a regular file", os.path.join(d, PID_FILE))
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except (BlockingIOError, PermissionError):
-        pid = buck.lock_holder(fd)
+    except OSError as e:
+        pid = buck.lock_holder(fd) if isinstance(e, (BlockingIOError, PermissionError)) else None
         os.close(fd)                # we hold no lock on it: closing it drops nothing
+        if pid is None:
+            raise
         raise AlreadyRunning(f"{DAEMON} is already running for {buck.shown(d)} (pid {pid})") from None
-    except OSError:
-        os.close(fd)
-        raise
+    ours.update(dir=d, pid_fd=fd)
     buck.own_pid_file = os.fstat(fd)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -168,8 +157,7 @@ def lock_pid_file(d):
 
 
 def redirect_stdio(d):
-    """"It redirects its stdout and stderr to files in the daemon directory"; the previous
-    buckd's files move to prev/, where a report of how it ended can find them."""
+    """"It redirects its stdout and stderr to files"; the last buckd's move to prev/."""
     buck.keep_logs(d)
     for fd, path, flags in ((0, os.devnull, os.O_RDONLY),
                             (1, os.path.join(d, STDOUT_FILE), os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
@@ -180,19 +168,16 @@ def redirect_stdio(d):
 
 
 def log_start(d, why, by):
-    """Say in our log and in END_FILE that we run, and why; return how the buckd before us
-    ended. (The log's first line names our pid: crash reports find it by that.)"""
+    """Log (first line: our pid) and record in END_FILE that we run; return how the last ended."""
     previous = buck.how_it_ended(d) or "none known"
     log(f"{DAEMON} pid {os.getpid()} version {buck.version()} starting in {d}")
-    log(f"started because: {why} (by {by})")
-    log(f"the previous {DAEMON}: {previous}")
+    log(f"started because: {why} (by {by}); the previous {DAEMON}: {previous}")
     buck.write_atomically(os.path.join(d, buck.END_FILE), json.dumps({"pid": os.getpid()}).encode())
     return previous
 
 
 def tell(ready, code, message):
-    """Give `buck daemon` its exit code and message; return the code. If it is gone (its
-    client was interrupted), buckd carries on: the next client will use it."""
+    """Give `buck daemon` its exit code and message; if it is gone, carry on."""
     try:
         os.write(ready, f"{code} {message}".encode(errors="backslashreplace"))
     except OSError:
@@ -202,8 +187,7 @@ def tell(ready, code, message):
 
 
 def write_info(d, api):
-    """Write buckd.info at once (never seen half-written); mark our environment with this
-    buckd's instance, for the commands we run; return the file's identity (file_id)."""
+    """Write buckd.info; mark the environment of the commands we run with our instance."""
     info = {"pid": os.getpid(), "port": api.port, "version": api.version,
             "auth_token": api.token, "start_time": api.start_time}
     buck.write_atomically(os.path.join(d, INFO_FILE), json.dumps(info).encode())
@@ -212,41 +196,37 @@ def write_info(d, api):
 
 
 def file_id(path):
-    """What tells a file, and a rewrite of it, apart without opening it (an open and close of
-    a link to buckd.pid would drop our lock; a FIFO would hang)."""
+    """What tells a file, and a rewrite of it, apart without opening it."""
     st = os.stat(path)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def still_ours(d, pid_fd, name, name_id):
-    """Are buckd.pid the file we hold and `name` the file we wrote (or, for None, ours to write)?
-    Never touch the files of a newer buckd: ours may have been replaced."""
+def still_ours(name=None, name_id=None):
+    """Is buckd.pid the file we hold, and `name` the file we wrote? (Else a newer buckd's.)"""
     try:
-        same_pid_file = os.path.samestat(os.stat(os.path.join(d, PID_FILE)), os.fstat(pid_fd))
-        return same_pid_file and (name is None or file_id(os.path.join(d, name)) == name_id)
+        pid_file = os.path.samestat(os.stat(os.path.join(ours["dir"], PID_FILE)), os.fstat(ours["pid_fd"]))
+        return pid_file and (name is None or file_id(os.path.join(ours["dir"], name)) == name_id)
     except OSError:
         return False
 
 
 def record_end(how, reason):
-    """Write how we end in END_FILE, if it is still ours to write (a dir deleted, or a newer
-    buckd's: nothing)."""
-    if ours and still_ours(ours["dir"], ours["pid_fd"], None, None):
-        try:
+    """Record in END_FILE how we end, unless the dir is gone or a newer buckd's."""
+    try:
+        if ours and still_ours():
             buck.record_end(ours["dir"], os.getpid(), how, reason)
-        except OSError:
-            pass
+    except OSError:
+        pass
 
 
 def log(message):
     print(time.strftime("%Y-%m-%d %H:%M:%S"), message, file=sys.stderr, flush=True)
 
 
-# "There are 3 ways that the buckd process will shutdown", and a signal, idleness, and a
+# "There are 3 ways that the buckd process will shutdown"; and a signal, idleness, and a
 # repository that is gone.
 def serve(api, d, root, pid_fd, info_id, wake, interval, idle):
-    """Wait until buckd must shut down; return how and why. (3, a panic, exits from wherever
-    it happens.)"""
+    """Wait until buckd must shut down; return (how, why). (A panic exits from anywhere.)"""
     next_check = time.monotonic() + interval
     while True:
         idle_at = (time.monotonic() if api.active else api.last_used) + idle if idle else float("inf")
@@ -260,8 +240,8 @@ def serve(api, d, root, pid_fd, info_id, wake, interval, idle):
         if now >= next_check:
             if reason := check_files_still_ours(d, pid_fd, info_id):
                 return "self-check", reason                                     # 2.
-            if reason := check_repository(root):
-                return "repository gone", reason
+            if not os.path.isfile(os.path.join(root, buck.MARKER)):           # (as buck2 does)
+                return "repository gone", f"{buck.shown(root)} or its {buck.MARKER} is gone"
             next_check = now + interval
         if idle and not api.active and now >= api.last_used + idle:
             return "idle", f"no client for {idle:g} s ({buck.IDLE_TIMEOUT_ENV})"
@@ -270,8 +250,7 @@ def serve(api, d, root, pid_fd, info_id, wake, interval, idle):
 # Shutdown path 2: "buckd will periodically (every 100s or so) check the "buckd.pid" and
 # "buckd.info" files to ensure that they still match that buckd process."
 def check_files_still_ours(d, pid_fd, info_id):
-    """Why buckd must exit now, or None while both files still name this process. (It opens
-    neither: buckd.pid is read through our fd, buckd.info compared by file_id.)"""
+    """Why buckd must exit, or None while buckd.pid and buckd.info name it (opening neither)."""
     try:
         ours_now, there = os.fstat(pid_fd), os.stat(os.path.join(d, PID_FILE))
     except OSError:
@@ -280,25 +259,14 @@ def check_files_still_ours(d, pid_fd, info_id):
         return f"{PID_FILE} was replaced"
     if os.pread(pid_fd, 64, 0) != f"{os.getpid()}\n".encode():
         return f"{PID_FILE} names another process"
-    try:
-        if file_id(os.path.join(d, INFO_FILE)) == info_id:
-            return None
-    except OSError:
-        pass
-    return f"{INFO_FILE} was removed or rewritten"
-
-
-def check_repository(root):
-    """Why buckd must exit now that its repository is gone (as buck2 does), or None."""
-    if not os.path.isfile(os.path.join(root, buck.MARKER)):
-        return f"the repository {buck.shown(root)} or its {buck.MARKER} is gone"
+    if not still_ours(INFO_FILE, info_id):
+        return f"{INFO_FILE} was removed or rewritten"
     return None
 
 
 # Shutdown path 3: "If buckd hits a rust `panic()` the buckd process will exit"
 def panic(error):
-    """A bug in buckd, wherever it happens: its traceback goes to buckd.stderr and buckd exits at
-    once (a daemon in an unknown state must not serve)."""
+    """A bug of buckd's own, wherever it happens: log its traceback, exit at once."""
     traceback.print_exception(error)
     step("daemon.shutdown", reason=f"panic: {error!r}", path="panic")
     record_end("panic", repr(error))
@@ -318,8 +286,7 @@ def panics(method):
 
 
 def start_server(d, wake, why, by, previous):
-    """The DaemonApi gRPC server on 127.0.0.1, port chosen by the kernel: a thread for each
-    running command (MAX_COMMANDS at most), and spares, so that Status and Kill never queue."""
+    """The DaemonApi on 127.0.0.1: a thread per command (MAX_COMMANDS), and spares."""
     global grpc, pb, workload
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     grpc, pb, pb_grpc = buck.load_grpc()
@@ -346,9 +313,7 @@ def require_token(token):
 
 
 class DaemonApi:
-    """The servicer: Status, Kill, and Command, which runs a workload command. `lock` guards
-    `active` and `reason`, and is never taken in a signal handler; reads of a counter or of
-    `last_used` take none."""
+    """The servicer. `lock` guards `active` and `reason`; it is never taken in a signal handler."""
 
     def __init__(self, d, wake, why, by, previous):
         self.dir, self.version, self.wake, self.port = d, buck.version(), wake, 0
@@ -363,8 +328,7 @@ class DaemonApi:
     def Status(self, request, context):
         idle, self.last_used = 0 if self.active else time.monotonic() - self.last_used, time.monotonic()
         return pb.StatusResponse(
-            pid=os.getpid(), port=self.port, version=self.version,
-            daemon_dir=self.dir.encode(errors="surrogateescape").decode(errors="replace"),
+            pid=os.getpid(), port=self.port, version=self.version, daemon_dir=buck.shown(self.dir),
             start_time=self.start_time, uptime_s=time.time() - self.start_time,
             active_commands=len(self.active), idle_s=idle, started_because=self.why,
             started_by=self.by, previous_end=self.previous, figures=workload.status())
@@ -376,8 +340,7 @@ class DaemonApi:
         return pb.KillResponse()
 
     def shutdown(self, reason):
-        """Begin the exit (once): stop every running command, each telling its client why,
-        and wake the main thread (serve)."""
+        """Begin the exit once: stop every running command, and wake serve()."""
         with self.lock:
             if self.reason is None:
                 self.reason = reason
@@ -389,24 +352,22 @@ class DaemonApi:
             pass                    # the pipe is full: serve() wakes anyway
 
     def Command(self, requests, context):
-        """One command, by daemon.proto's handshake. A malformed request ends its own call
-        (INVALID_ARGUMENT), as does one past MAX_COMMANDS (RESOURCE_EXHAUSTED): only a bug
-        of buckd's own is a panic."""
+        """One command, by daemon.proto's handshake; bad requests end their own call."""
         stop = threading.Event()
         with self.lock:             # counted from the start: a stream holds a thread
             refused = self.reason or len(self.active) >= MAX_COMMANDS
             if not refused:
                 self.active.add(stop)
                 self.last_used = time.monotonic()
-        if refused:                 # not accepted: the client may send it elsewhere
-            context.abort(*((grpc.StatusCode.UNAVAILABLE, f"{DAEMON} is shutting down") if self.reason else
-                            (grpc.StatusCode.RESOURCE_EXHAUSTED, f"{DAEMON} is busy: {MAX_COMMANDS} commands are running")))
+        if self.reason:             # not accepted: the client may send it elsewhere
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{DAEMON} is shutting down")
+        if refused:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{DAEMON} is busy: {MAX_COMMANDS} commands run")
         if not context.add_callback(stop.set):      # the call ends: the client went away
             stop.set()
         try:
             request = next(requests, None)
-            problem = malformed(request)
-            if problem:
+            if problem := malformed(request):
                 context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
                 context.set_details(problem)
                 return
@@ -442,8 +403,7 @@ def malformed(request):
 
 
 def run_workload(request, stop):
-    """Run a workload command (workload.py says what `call` holds): its events as CommandEvents,
-    then its exit code. Bad arguments are said as the client says its own."""
+    """Run a workload command: its events as CommandEvents, then its exit code."""
     call = SimpleNamespace(args=list(request.args), options=dict(request.options), cwd=request.cwd,
                            stop=stop, open=buck.open_file)
     try:
@@ -455,7 +415,7 @@ def run_workload(request, stop):
             except StopIteration as end:
                 return end.value
             yield pb.CommandEvent(**{kind: data})
-    except buck.Fail as e:
+    except buck.Fail as e:                      # said as the client says its own
         message = buck.usage_error(request.name, e) if e.code == buck.EXIT_USAGE else e
         yield pb.CommandEvent(stderr=f"{TOOL}: {message}\n".encode(errors="backslashreplace"))
         return e.code
