@@ -148,6 +148,7 @@ class Soak:
         self.env = lifecycle.clean_env(names, HOME=self.home, **{
             names.LOG_ENV: self.log, names.CHECK_INTERVAL_ENV: str(CHECK_INTERVAL)})
         self.says = re.escape(f"{names.TOOL}: ")                # a line of buck's own
+        self.crash_said = f"`{names.TOOL} debug crash` was invoked"   # its simulated panic
         self.home_var, self.sid = f"HOME={self.home}".encode(), os.getsid(0)
         self.clients, self.decoys = {}, []      # pid -> Popen; Popens
         self.killed, self.interrupted, self.stopped = set(), set(), set()
@@ -342,7 +343,7 @@ class Soak:
         """A buckd stderr quoted by a client: a panic there must be `debug crash`'s."""
         quoted = tuple(line[4:] for line in lines if line.startswith("  | "))
         panic = any("Traceback" in line or re.match(self.says, line) for line in quoted)
-        if panic and not any("`buck debug crash` was invoked" in line for line in quoted):
+        if panic and not any(self.crash_said in line for line in quoted):
             with self.lock:
                 new, _ = quoted not in self.panics, self.panics.add(quoted)
             if new:
@@ -352,7 +353,7 @@ class Soak:
         """A buckd that vanished under a command must have been SIGKILLed or SIGSTOPped
         by us (then maybe SIGKILLed as wedged), or have run `debug crash`."""
         lost = re.search(rf"lost {re.escape(self.names.DAEMON)} \(pid (\d+)\)", "\n".join(lines))
-        if not lost or any("`buck debug crash` was invoked" in line for line in lines):
+        if not lost or any(self.crash_said in line for line in lines):
             return
         pid = int(lost[1])
         with self.lock:
