@@ -187,11 +187,10 @@ def tell(ready, code, message):
 
 
 def write_info(d, api):
-    """Write buckd.info; mark the environment of the commands we run with our instance."""
+    """Write buckd.info at once, never seen half-written; return its file_id."""
     info = {"pid": os.getpid(), "port": api.port, "version": api.version,
             "auth_token": api.token, "start_time": api.start_time}
     buck.write_atomically(os.path.join(d, INFO_FILE), json.dumps(info).encode())
-    os.environ[buck.INSTANCE_ENV] = buck.instance(info)
     return file_id(os.path.join(d, INFO_FILE))
 
 
@@ -292,6 +291,8 @@ def start_server(d, wake, why, by, previous):
     grpc, pb, pb_grpc = buck.load_grpc()
     workload = __import__(buck.WORKLOAD)
     api = DaemonApi(d, wake, why, by, previous)
+    mark = buck.instance({"pid": os.getpid(), "start_time": api.start_time})
+    os.environ[buck.INSTANCE_ENV] = mark        # before any thread: what our commands start inherit
     server = grpc.server(ThreadPoolExecutor(MAX_COMMANDS + SPARE_THREADS),
                          interceptors=[require_token(api.token)], options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_DaemonApiServicer_to_server(api, server)

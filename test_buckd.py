@@ -369,7 +369,8 @@ def test_files_are_private_and_bind_is_loopback(sb):
     the port is served on 127.0.0.1 only."""
     sb.buck("server")
     d = sb.dir()
-    assert d.stat().st_mode & 0o777 == 0o700
+    for level in [d, *d.parents][:len(d.relative_to(sb.home).parts)]:   # .buck and below
+        assert level.stat().st_mode & 0o777 == 0o700, level       # no one may list your repos
     for name in ("buckd.pid", "buckd.info", "lifecycle.lock", "buckd.stdout", "buckd.stderr"):
         assert (d / name).stat().st_mode & 0o777 == 0o600, name
     port = sb.info()["port"]
@@ -1091,7 +1092,7 @@ def test_bad_durations_are_a_clear_error(sb, name, value):
     never a daemon spinning at 100% CPU (0, negative, nan) or crashing (inf)."""
     r = sb.buck("server", env={name: value})
     assert r.code == 1 and one_line_error(r) and f"{name} must be seconds" in r.err, r.err
-    assert not sb.daemons()
+    assert len(r.err.splitlines()) == 1 and not sb.daemons()      # (no "starting buckd" first)
 
 
 def test_zero_check_interval_is_refused(sb):
@@ -1273,85 +1274,290 @@ def test_lifecycle_log_records_the_docs_steps(sb):
     assert guarantees_hold(sb)
 
 
-# --- Vendoring (README, "Vendoring"): the recipe, followed to the letter
+# --- Vendoring (README, "Vendoring"): the recipe followed to the letter, as a team would to
+# make `acme`, with daemon `acmed`, in tools/acme/ of its monorepo; then what it promises.
 
-COUNT_HANDLER = '''
+CHECKS_PY = '''"""acme's own module: what `acme count` counts."""
 
-def cmd_count(api, request, stop):
-    """`mytool count [--min=N] PATH...`: each file's line count, if at least N."""
-    expect(request, 1, float("inf"), options=("min",))
+
+def lines(data):
+    return data.count(b"\\n")
+'''
+
+COUNT_SECTION = '''# --- `count`: line counts of files, by checks.py
+
+counted = {"files_counted": 0}
+
+
+def status():
+    return dict(counted)
+
+
+def cmd_count(call):
+    """`acme count [--min=N] PATH...`: the line count of each file that has at least N."""
     import checks
-    least = int(request.options.get("min", "0"))
-    for arg in request.args:
-        with open(os.path.join(request.cwd, arg), "rb") as f:
-            n = checks.count(f.read())
-        if n >= least:
-            yield pb.CommandEvent(stdout=b"%d %s\\n" % (n, arg))
-    return 0
+    least = call.options.get("min", "0")
+    if not least.isdigit():
+        raise buck.Fail(f"--min must be a whole number, not {buck.shown(least)}", buck.EXIT_USAGE)
+    code = 0
+    for arg in call.args:
+        try:
+            fd = call.open(os.path.join(call.cwd, arg))     # the client's cwd, not acmed's
+            with open(fd, "rb") as f:
+                n = checks.lines(f.read())
+        except OSError as e:
+            yield "stderr", f"{buck.TOOL} count: {buck.shown(arg)}: {e.strerror}\\n".encode()
+            code = 1
+            continue
+        counted["files_counted"] += 1
+        if n >= int(least):
+            yield "stdout", b"%d %s\\n" % (n, arg)
+    return code
 
 
-HANDLERS["count"] = cmd_count
 '''
 
 
 def edit(path, old, new):
+    """Replace the one place `old` is in a file (an edit the recipe asks for)."""
     text = path.read_text()
-    assert old in text, old
-    path.write_text(text.replace(old, new, 1))
+    assert text.count(old) == 1, f"{path.name}: expected {old!r} once"
+    path.write_text(text.replace(old, new))
 
 
-def test_vendoring_by_the_readme_recipe(tmp_path):
-    """A tool `mytool` built on these files, in tools/mytool/ of its own repository, by
-    the README's recipe: the names block is the only rename; a command with an option is
-    one line in buck.COMMANDS and one handler in buckd.HANDLERS; the tool's own module is
-    in SOURCES, so editing it restarts mytoold."""
-    repo, home = tmp_path / "repo", tmp_path / "home"
-    tool, d = repo / "tools" / "mytool", home / ".mytool" / "mytoold" / str(repo).lstrip("/") / "v2"
+def vendor_acme(repo, bin_dir):
+    """Steps 1-6 of the README's "Vendoring", as written: acme in repo/tools/acme/, its
+    launcher in bin_dir. Returns the tool's directory."""
+    import re
+    tool = repo / "tools" / "acme"
     tool.mkdir(parents=True)
-    home.mkdir()
-    for name in ("buck.py", "buckd.py", "daemon.proto"):                      # step 1
+    for name in ("buck.py", "buckd.py", "workload.py", "daemon.proto"):            # 1. copy
         shutil.copy(HERE / name, tool / name)
-    subprocess.run([PY, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=.",
-                    "daemon.proto"], cwd=tool, check=True)
-    edit(tool / "buck.py", 'TOOL, DAEMON = "buck", "buckd"', 'TOOL, DAEMON = "mytool", "mytoold"')
-    edit(tool / "buck.py", '"daemon.proto")', '"daemon.proto", "checks.py")')      # step 2
-    edit(tool / "buck.py", '    "daemon": (',                                          # step 3
-         '    "count": ("[--min=N] PATH...", "print the line counts of files"),\n    "daemon": (')
-    with open(tool / "buckd.py", "a") as f:
-        f.write(COUNT_HANDLER)
-    (tool / "checks.py").write_text("def count(data):\n    return data.count(b'\\n')\n")
-    (repo / ".mytoolconfig").write_text("")
-    (repo / "a.txt").write_text("1\n2\n3\n")
-    (repo / "b.txt").write_text("1\n")
-    env = {**os.environ, "HOME": str(home), "MYTOOLD_CHECK_INTERVAL": "0.2"}
-    env.pop("BUCK_LIFECYCLE_LOG", None)
+    # 2. "grpcio>=1.85,<2, protobuf>=7.36,<8": this venv's (requirements.txt).
+    subprocess.run([PY, "-m", "grpc_tools.protoc", "-I.", "--python_out=.",          # 3. stubs
+                    "--grpc_python_out=.", "daemon.proto"], cwd=tool, check=True)
+    edit(tool / "buck.py", 'TOOL, DAEMON = "buck", "buckd"', 'TOOL, DAEMON = "acme", "acmed"')  # 4.
+    workload = (tool / "workload.py").read_text()                                    # 5. `hash`
+    start, end = workload.index("# --- `hash`"), workload.index("# --- `debug`")      # out, `count`
+    workload = workload[:start] + COUNT_SECTION + workload[end:]                     # in; `debug`
+    workload, n = re.subn(r'\n    "hash": \(.*\n', '\n    "count": ("[--min=N] PATH...", '  # stays
+                          '"print the line counts of files", cmd_count),\n', workload)
+    assert n == 1, "workload.COMMANDS has no one `hash` line"
+    (tool / "workload.py").write_text(workload)
+    (tool / "checks.py").write_text(CHECKS_PY)
+    edit(tool / "buck.py", "SOURCES = (", 'SOURCES = ("checks.py", ')                # in SOURCES
+    bin_dir.mkdir()                                                                  # 6. launcher
+    (bin_dir / "acme").write_text(f'#!/bin/sh\nexec {PY} {tool / "buck.py"} "$@"\n')
+    (bin_dir / "acme").chmod(0o755)
+    return tool
 
-    def mytool(*args):                                                         # step 4
-        proc = subprocess.run([PY, "tools/mytool/buck.py", *args], cwd=repo, env=env,
-                              capture_output=True, text=True, timeout=60)
-        return SimpleNamespace(code=proc.returncode, out=proc.stdout, err=proc.stderr)
+
+class Vendored:
+    """acme vendored by the recipe into a Sandbox's repository (which also has buck's
+    .buckconfig) and run by its launcher, on PATH, from repo/some/sub. Every output of acme is
+    kept in `said`: nothing acme says may mention buck."""
+
+    def __init__(self, sb):
+        self.sb, self.home, self.repo = sb, sb.home, sb.repo
+        self.tool = vendor_acme(sb.repo, sb.tmp / "bin")
+        (self.repo / ".acmeconfig").write_text("")
+        self.cwd = self.repo / "some" / "sub"
+        self.cwd.mkdir(parents=True)
+        self.log = sb.tmp / "acme-lifecycle.log"
+        self.env = {**{k: v for k, v in sb.env.items() if not k.startswith("ACME")},     # (and
+                    "PATH": f"{sb.tmp / 'bin'}{os.pathsep}{os.environ['PATH']}",          # buck's
+                    "ACMED_CHECK_INTERVAL": "0.2", "ACME_LIFECYCLE_LOG": str(self.log)}   # own)
+        self.said = []
+
+    def __call__(self, *args, cwd=None, env=None):
+        """Run `acme ARGS` to its end: code, out, err (text)."""
+        env = {k: v for k, v in {**self.env, **(env or {})}.items() if v is not None}
+        proc = subprocess.Popen(["acme", *args], cwd=cwd or self.cwd, env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        r = result(proc, *proc.communicate(timeout=60))
+        self.said.append((f"`acme {' '.join(args)}`", r.out + r.err))
+        return r
+
+    def dir(self):
+        return self.home / ".acme" / "acmed" / str(self.repo).lstrip("/") / "v2"
+
+    def pid(self):
+        """The pid of the running acmed: the holder of acmed.pid's lock."""
+        pid_file = self.dir() / "acmed.pid"
+        return lock_holder(pid_file) if pid_file.exists() else None
+
+    def never_says_buck(self):
+        """No output of acme, no file acmed or its clients wrote, and no line of acme's
+        lifecycle log mentions buck."""
+        files = [p for p in [*(self.home / ".acme").rglob("*"), self.log] if p.is_file()]
+        texts = self.said + [(str(p), p.read_bytes().decode(errors="replace")) for p in files]
+        leaks = [f"{where}: {line}" for where, text in texts for line in text.splitlines()
+                 if "buck" in line.lower()]
+        assert not leaks, "acme mentions buck:\n" + "\n".join(leaks)
+        return True
+
+
+@pytest.fixture
+def acme():
+    """A Vendored acme in a dir of its own (not tmp_path, which holds the test's name). At
+    teardown `acme kill` and `buck kill`; then any process left fails the test."""
+    import tempfile
+    tmp = Path(tempfile.mkdtemp(prefix="v-"))
     try:
-        assert "count [--min=N] PATH..." in mytool("help").out
-        first = mytool("server", "--json")
-        assert first.code == 0 and first.err == "mytool: starting mytoold\n", first.err
-        pid = json.loads(first.out)["pid"]
-        assert (d / "mytoold.pid").read_text() == f"{pid}\n" and (d / "mytoold.info").exists()
-        for _ in range(2):
-            r = mytool("count", "--min=2", "a.txt", "b.txt")
-            assert (r.code, r.out, r.err) == (0, "3 a.txt\n", "")
-        assert mytool("count", "--bogus", "a.txt").err.startswith("mytool: count: unknown option")
-        (tool / "checks.py").write_text("def count(data):\n    return 10 * data.count(b'\\n')\n")
-        r = mytool("count", "--min=2", "a.txt", "b.txt")
-        assert r.code == 0 and r.out == "30 a.txt\n10 b.txt\n" and "mytoold version mismatch" in r.err
-        assert not alive(pid)
-        r = mytool("kill")
-        assert r.code == 0 and r.out.startswith("mytoold killed (pid ")
+        assert "buck" not in str(tmp).lower(), tmp
+        sb = Sandbox(tmp)
+        tool = Vendored(sb)
+        try:
+            yield tool
+        finally:
+            tool("kill")
+            sb.cleanup()
     finally:
-        mytool("kill")
-        left = lock_holder(d / "mytoold.pid") if (d / "mytoold.pid").exists() else None
-        if left:
-            os.kill(left, signal.SIGKILL)
-        assert left is None, "mytoold was left running"
+        shutil.rmtree(tmp)
+
+
+def test_vendoring_by_the_readme_recipe(acme):
+    """The recipe gives a working tool of its own names: `acme help` lists the team's
+    `count` and no `hash`; from a subdirectory (the root found by .acmeconfig) acme starts
+    acmed in ~/.acme; `count` runs the team's handler, which reads files by call.open in the
+    client's cwd, and takes its option; a bad option (found by the client) and a bad value
+    (found by the handler, in acmed) read `acme: count: ... (usage: acme count ...)`, exit 2;
+    editing checks.py, in SOURCES, restarts acmed for a version mismatch and counts anew;
+    kill. No output of acme, and no file acmed writes, says "buck"; ~/.buck is never made."""
+    (acme.cwd / "a.txt").write_text("1\n2\n3\n")
+    (acme.cwd / "b.txt").write_text("1\n2")
+    r = acme("help")
+    assert r.code == 0 and r.out.startswith("usage: acme ")
+    assert "  count [--min=N] PATH...  " in r.out and "hash" not in r.out and "  debug" not in r.out
+    r = acme()
+    assert r.code == 2 and r.err.startswith("usage: acme ")
+    r = acme("hash", "a.txt")
+    assert r.code == 2 and r.err.startswith("acme: unknown command hash (usage: acme "), r.err
+    assert acme("version").out.startswith("acme ")
+    r = acme("status")
+    assert (r.code, r.out) == (0, "no acmed running\n") and not acme.pid()
+
+    r = acme("server", "--json")
+    assert r.code == 0 and r.err == "acme: starting acmed: no acmed was running\n", r.err
+    first = json.loads(r.out)
+    assert first["daemon_dir"] == str(acme.dir()) and first["pid"] == acme.pid()
+    assert first["files_counted"] == 0                              # workload.status()
+    r = acme("count", "--min=2", "a.txt", "b.txt", "../../some/sub/a.txt")
+    assert (r.code, r.out, r.err) == (0, "3 a.txt\n3 ../../some/sub/a.txt\n", ""), r.err
+    r = acme("count", "--bogus", "a.txt")
+    assert (r.code, r.out) == (2, "") and r.err == \
+        "acme: count: unknown option --bogus (usage: acme count [--min=N] PATH...)\n"
+    r = acme("count", "--min=few", "a.txt")
+    assert (r.code, r.out) == (2, "") and r.err == \
+        "acme: count: --min must be a whole number, not few (usage: acme count [--min=N] PATH...)\n"
+    r = acme("count", "nowhere.txt")
+    assert (r.code, r.out, r.err) == (1, "", "acme count: nowhere.txt: No such file or directory\n")
+    r = acme("debug", "sleep", "0")                 # the debug section, kept
+    assert (r.code, r.out, r.err) == (0, "sleeping for 0 s\n", "")
+
+    edit(acme.tool / "checks.py", 'data.count(b"\\n")', "len(data.splitlines())")  # last line too
+    r = acme("count", "--min=2", "a.txt", "b.txt")
+    assert (r.code, r.out) == (0, "3 a.txt\n2 b.txt\n"), r.err
+    assert r.err.startswith("acme: restarting acmed: acmed version mismatch (daemon "), r.err
+    assert not alive(first["pid"]) and acme.pid() not in (None, first["pid"])
+    r = acme("status", "--json")
+    assert json.loads(r.out)["files_counted"] == 2
+    r = acme("status", "--all")
+    assert r.code == 0 and r.out.startswith(f"{acme.dir()}: pid {acme.pid()}, ") and r.out.count("\n") == 1
+    r = acme("status", cwd=acme.sb.tmp)
+    assert (r.code, r.err) == (1, f"acme: not in a repository: no .acmeconfig in {acme.sb.tmp} or its parents\n")
+    pid = acme.pid()
+    kill = acme("kill")
+    assert (kill.code, kill.out) == (0, f"acmed killed (pid {pid})\n") and not alive(pid)
+    r = acme("status")
+    assert r.out == f"no acmed running\nthe last one, pid {pid} ended by kill: `acme kill` was invoked by " \
+                    f"pid {kill.pid}\n"
+    assert acme.never_says_buck()
+    assert os.listdir(acme.home) == [".acme"]
+
+
+def test_vendored_tool_reads_its_own_environment(acme):
+    """acme's settings are ACMED_IDLE_TIMEOUT, ACMED_CHECK_INTERVAL and ACME_LIFECYCLE_LOG,
+    each taking effect, and buck's set alongside (BUCKD_IDLE_TIMEOUT, BUCKD_CHECK_INTERVAL,
+    BUCK_LIFECYCLE_LOG, BUCK_LIFECYCLE_STOP_AT, all of them values that would fail or stop
+    buck) change nothing: a bad duration is one line naming acme's variable (exit 1, as buck's);
+    ACMED_IDLE_TIMEOUT=1 ends acmed once idle; ACMED_CHECK_INTERVAL=0.2 sees a removed
+    .acmeconfig at once (not the 100 s default); every acme process logs its steps to
+    ACME_LIFECYCLE_LOG, and the doc's three guarantees hold there."""
+    acme.env.update(BUCKD_IDLE_TIMEOUT="soon", BUCKD_CHECK_INTERVAL="bad",
+                    BUCK_LIFECYCLE_STOP_AT="connect.1")
+    for name in ("ACMED_IDLE_TIMEOUT", "ACMED_CHECK_INTERVAL"):
+        r = acme("server", env={name: "soon"})
+        assert r.code == 1 and r.err.startswith("acme: ") and f" {name} must be seconds " in r.err \
+            and r.err.endswith(", not soon\n") and r.err.count("\n") == 1, r.err
+        assert not acme.sb.daemons()
+
+    r = acme("server", env={"ACMED_IDLE_TIMEOUT": "1"})
+    assert r.code == 0, r.err
+    pid = acme.pid()
+    wait_for(lambda: not alive(pid), what="acmed to end itself, idle")
+    r = acme("status")
+    assert r.out == f"no acmed running\nthe last one, pid {pid} ended by idle: no client for 1 s " \
+                    "(ACMED_IDLE_TIMEOUT)\n"
+
+    r = acme("server", env={"ACMED_IDLE_TIMEOUT": "0"})
+    assert r.code == 0, r.err
+    pid = acme.pid()
+    (acme.repo / ".acmeconfig").unlink()            # .buckconfig stays: acmed looks for its own
+    try:
+        wait_for(lambda: not alive(pid), timeout=10, what="acmed to see .acmeconfig gone")
+    finally:
+        (acme.repo / ".acmeconfig").write_text("")
+    r = acme("status")
+    assert "ended by repository gone: " in r.out, r.out
+    assert f"{acme.repo} or its .acmeconfig is gone" in r.out, r.out
+
+    assert acme.log.exists() and not acme.sb.log.exists()   # ACME_LIFECYCLE_LOG, not buck's
+    lines = lifecycle.load(acme.log)
+    assert {x["role"] for x in lines} == {"client", "daemon"}
+    assert {x["dir"] for x in lines} == {str(acme.dir())}
+    assert lifecycle.check(lines) == []
+    assert acme.never_says_buck() and os.listdir(acme.home) == [".acme"]
+
+
+def test_vendored_tool_and_buckd_side_by_side(acme):
+    """acme and this checkout's buck, in one repository (.acmeconfig and .buckconfig) and one
+    HOME, never touch each other: acmed and buckd run at once, each holding the pid file in its
+    own dir (~/.acme/acmed/..., ~/.buck/buckd/...); `acme kill` leaves buckd running, `buck
+    kill` leaves acmed running; `acme status --all` lists acmed only, `buck status --all`
+    buckd only; `acme killall` kills acmed only."""
+    sb = acme.sb
+
+    def buck(*args):
+        r = sb.buck(*args, cwd=acme.cwd)
+        assert r.code == 0, r.err
+        return r
+    assert acme("server").code == 0 and buck("server")
+    acmed, buckd = acme.pid(), sb.holder()
+    assert acmed and buckd and acmed != buckd and alive(acmed) and alive(buckd)
+    assert sorted(os.listdir(acme.home)) == [".acme", ".buck"]
+    assert {p.name for p in acme.dir().iterdir()} >= {"acmed.pid", "acmed.info"}
+    assert {p.name for p in sb.dir().iterdir()} >= {"buckd.pid", "buckd.info"}
+    assert not [p for p in (acme.home / ".acme").rglob("*buck*")]
+    assert not [p for p in (acme.home / ".buck").rglob("*acme*")]
+    [row] = json.loads(acme("status", "--all", "--json").out)
+    assert (row["daemon_dir"], row["pid"]) == (str(acme.dir()), acmed)
+    [row] = json.loads(buck("status", "--all", "--json").out)
+    assert (row["daemon_dir"], row["pid"]) == (str(sb.dir()), buckd)
+
+    assert acme("kill").out == f"acmed killed (pid {acmed})\n"
+    assert not alive(acmed) and alive(buckd) and sb.status()["pid"] == buckd
+    assert acme("server").code == 0
+    acmed = acme.pid()
+    assert buck("kill").out == f"buckd killed (pid {buckd})\n"
+    assert not alive(buckd) and alive(acmed)
+    assert json.loads(acme("status", "--json").out)["pid"] == acmed
+    buck("server")
+    buckd = sb.holder()
+    r = acme("killall")
+    assert (r.code, r.out) == (0, f"acmed killed (pid {acmed}) in {acme.dir()}\n"), r.err
+    assert not alive(acmed) and alive(buckd) and sb.status()["pid"] == buckd
+    assert acme.never_says_buck()
 
 
 # --- The lifecycle log's checker and view (lifecycle.py), on hand-made logs: a checker
@@ -1739,3 +1945,364 @@ def test_hash_keeps_stdout_and_stderr_in_the_order_of_the_paths(sb):
     r = sb.buck("hash", "a", "missing", "b", stderr=subprocess.STDOUT)
     lines = r.out.splitlines()
     assert r.code == 1 and [l.split()[-1] for l in lines] == ["a", "directory", "b"], lines
+
+
+# --- Hostile surroundings fail one call, never buckd, never silently (issue 16)
+
+def within(sb, *args, seconds=30, **kw):
+    """Run a client that must end within `seconds`: one that hangs is killed and fails the
+    test. Its result also says how long it took (elapsed)."""
+    started = time.monotonic()
+    proc = sb.spawn(*args, **kw)
+    try:
+        out, err = proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        err = proc.communicate()[1] or b""
+        raise AssertionError(f"`buck {' '.join(map(str, args))}` still ran after {seconds} s: {err.decode(errors='replace')}")
+    r = result(proc, out or b"", err)
+    r.elapsed = time.monotonic() - started
+    return r
+
+
+def cpu_seconds(pid):
+    """The CPU time (user + system) a process has used so far, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def copy_of_sources(where):
+    """A copy of buck.SOURCES (and the generated stubs) in dir `where`: a checkout of our own,
+    to edit. Returns the path of its buck.py."""
+    import buck
+    where.mkdir()
+    for name in {*buck.SOURCES, "daemon_pb2.py", "daemon_pb2_grpc.py"}:
+        shutil.copy(HERE / name, where / name)
+    return where / "buck.py"
+
+
+@pytest.mark.parametrize("fd", [0, 1, 2], ids=["stdin", "stdout", "stderr"])
+def test_daemon_started_with_a_closed_std_fd_serves_idles_and_stops(sb, fd):
+    """Issue 16: `buck daemon <&-` (and `>&-`, `2>&-`) exits 0 without a word, and its buckd
+    serves; idle, buckd does not spin (its CPU time stays nearly flat for a second); SIGTERM
+    stops it cleanly, and it leaves no buckd.info behind."""
+    r = within(sb, "daemon", preexec_fn=lambda: os.close(fd))
+    assert (r.code, r.err) == (0, ""), r.err
+    pid = sb.info()["pid"]
+    assert sb.status()["pid"] == pid
+    before, since = cpu_seconds(pid), time.monotonic()
+    wait_for(lambda: time.monotonic() > since + 1.0, what="a second of idleness")
+    spent = cpu_seconds(pid) - before
+    assert spent < 0.3, f"an idle buckd used {spent:.2f} s of CPU in a second"
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not alive(pid), what="buckd to exit on SIGTERM")
+    assert not (sb.dir() / "buckd.info").exists()
+    assert "received SIGTERM" in (sb.dir() / "buckd.stderr").read_text()
+
+
+@pytest.mark.parametrize("args, stdout, reason", [
+    (["status"], "/dev/full", "No space left on device"),
+    (["version"], "/dev/full", "No space left on device"),
+    (["server"], "/dev/full", "No space left on device"),
+    (["hash", "f"], "/dev/full", "No space left on device"),
+    (["status"], "closed", "Bad file descriptor")])
+def test_output_that_cannot_be_written_is_one_line_and_exit_1(sb, args, stdout, reason):
+    """Issue 16: `buck status|version|server|hash f >/dev/full` (stdout buffered: no
+    PYTHONUNBUFFERED) and `buck status >&-` exit 1 with one line saying why, no traceback;
+    buckd serves on."""
+    (sb.repo / "f").write_text("x")
+    sb.buck("server")
+    pid = sb.info()["pid"]
+    with open(os.devnull if stdout == "closed" else stdout, "wb") as sink:
+        r = within(sb, *args, stdout=sink, env={"PYTHONUNBUFFERED": None},
+                   preexec_fn=(lambda: os.close(1)) if stdout == "closed" else None)
+    assert (r.code, r.err) == (1, f"buck: cannot write output: {reason}\n")
+    assert sb.status()["pid"] == pid and sb.status()["active_commands"] == 0
+
+
+@pytest.mark.parametrize("command", ["hash", "debug sleep"])
+def test_a_command_whose_output_cannot_be_written_is_cancelled_in_buckd(sb, command):
+    """Issue 16: a command running in buckd whose client cannot write its output (the first
+    chunk of a big tree's digests, `debug sleep`'s first line) fails in one line, and the
+    command in buckd is cancelled, not left running: the tree's last file (8 GB, sparse)
+    is never hashed to its end."""
+    sb.buck("server")
+    if command == "hash":
+        (sb.repo / "t").mkdir()
+        for i in range(1000):               # about 74 KB of output: more than one chunk
+            (sb.repo / "t" / f"f{i:04}").write_text("x")
+        with open(sb.repo / "t" / "zbig", "wb") as f:
+            f.truncate(8 << 30)
+        args = ["hash", "t"]
+    else:
+        args = ["debug", "sleep", "300"]
+    with open("/dev/full", "wb") as full:
+        r = within(sb, *args, stdout=full, env={"PYTHONUNBUFFERED": None})
+    assert (r.code, r.err) == (1, "buck: cannot write output: No space left on device\n")
+    wait_for(lambda: sb.status()["active_commands"] == 0, what="the command to be cancelled in buckd")
+    assert sb.status()["files_read"] <= 1000        # zbig, the 1001st, was never finished
+
+
+def test_hash_names_an_empty_name_and_escapes_control_characters(sb):
+    """Issue 16: `buck hash ""` says `''` (as sha256sum does), and a name with a newline or a
+    terminal escape is shown escaped: each error is one line, with no raw control character."""
+    sb.buck("server")
+    r = sb.buck("hash", "")
+    assert (r.code, r.out, r.err) == (1, "", "buck hash: '': No such file or directory\n")
+    r = sb.buck("hash", "a\nb", "c\x1b[31md")
+    assert (r.code, r.out) == (1, "")
+    assert r.err == ("buck hash: a\\nb: No such file or directory\n"
+                     "buck hash: c\\x1b[31md: No such file or directory\n")
+
+
+@pytest.mark.parametrize("log", ["/dev/stderr", "fifo", "directory", "missing dir", "under a file"])
+def test_a_lifecycle_log_that_is_no_regular_file_never_hangs_a_start(sb, log):
+    """Issue 16: BUCK_LIFECYCLE_LOG naming /dev/stderr (the client's pipe), a FIFO that no
+    one reads, a directory or a path that cannot be created: `buck server` exits 0 at once
+    (well under START_TIMEOUT), and its buckd stays alive and serves."""
+    path = {"fifo": sb.tmp / "fifo", "directory": sb.tmp, "missing dir": sb.tmp / "missing" / "log",
+            "under a file": sb.repo / ".buckconfig" / "log"}.get(log, log)
+    if log == "fifo":
+        os.mkfifo(path)
+    r = within(sb, "server", "--json", seconds=20, env={"BUCK_LIFECYCLE_LOG": str(path)})
+    assert r.code == 0 and r.elapsed < 15, r.err
+    pid = json.loads(r.out)["pid"]
+    uptime = sb.status()["uptime_s"]
+    wait_for(lambda: sb.status()["uptime_s"] > uptime + 1, what="buckd to serve a while longer")
+    assert alive(pid) and sb.status()["pid"] == pid
+
+
+def test_an_empty_proc_file_is_never_cached(sb):
+    """Issue 16: a /proc file that is empty now (a process's list of children) may have content
+    later under the same stat: hashed empty, then again once it has a child, the digest is
+    that of its new content."""
+    parent = subprocess.Popen([PY, "-c", "import subprocess, sys\n"
+                               "sys.stdin.readline()\n"
+                               "child = subprocess.Popen(['sleep', '300'])\n"
+                               "print(child.pid, flush=True)\n"
+                               "sys.stdin.readline()\n"
+                               "child.kill()\n"
+                               "child.wait()\n"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+    try:
+        sb.buck("server")
+        assert children.read_bytes() == b""
+        for _ in range(2):
+            r = sb.buck("hash", children)
+            assert r.code == 0 and r.rawout == sha256sum([bytes(children)], "/"), r.err
+            assert r.rawout.startswith(hashlib.sha256(b"").hexdigest().encode())
+        parent.stdin.write(b"\n")
+        parent.stdin.flush()
+        child = int(parent.stdout.readline())
+        content = children.read_bytes()
+        assert content == b"%d " % child
+        r = sb.buck("hash", children)
+        assert r.code == 0 and r.rawout == b"%s  %s\n" % (hashlib.sha256(content).hexdigest().encode(),
+                                                          bytes(children)), r.err
+    finally:
+        for pid in (children.read_text() if parent.poll() is None else "").split():
+            os.kill(int(pid), signal.SIGKILL)
+        parent.kill()
+        parent.wait()
+
+
+@pytest.mark.parametrize("content", ["lone surrogate token", "nested 100000 deep"])
+def test_hostile_buckd_info_is_one_line_and_survived(sb, content):
+    """Issue 16: a buckd.info whose auth_token is a lone surrogate ("\\udcff") or whose JSON is
+    nested 100,000 deep: `status`, `server` and `kill`, with a buckd running or not, say at
+    most one line (exit 0 or 1), never a traceback, and `server` ends with a working buckd."""
+    quiet = {"BUCKD_CHECK_INTERVAL": "100"}     # the buckd stays, though its info is rewritten
+    sb.buck("server", env=quiet)
+    info = sb.info()
+    text = json.dumps({**info, "auth_token": "\udcff"}) if content.startswith("lone") else "[" * 100000
+    assert content.startswith("nested") or "\\udcff" in text
+    for command in ("status", "server", "kill", "status", "server"):
+        if (sb.dir() / "buckd.pid").exists():       # a buckd that has served a while: not
+            os.utime(sb.dir() / "buckd.pid", (time.time() - 60,) * 2)  # one starting
+        (sb.dir() / "buckd.info").write_text(text)
+        r = within(sb, command, env=quiet)
+        assert r.code in (0, 1) and no_traceback(r), (command, r.err)
+        assert r.code == 0 or one_line_error(r)
+        if command == "server":
+            assert r.code == 0, r.err
+            assert sb.status()["pid"] == sb.info()["pid"] != info["pid"]
+            assert sb.buck("debug", "sleep", "0").code == 0
+
+
+def test_a_fifo_for_buckd_pid_hangs_nobody(sb):
+    """Issue 16: a FIFO at buckd.pid, no buckd running: `status` (no buckd running) and
+    `kill` exit 0, `server` fails in one line (buckd cannot lock it: not a regular file);
+    each returns within seconds."""
+    sb.dir().mkdir(parents=True)
+    os.mkfifo(sb.dir() / "buckd.pid")
+    r = within(sb, "status", seconds=10)
+    assert (r.code, r.out) == (0, "no buckd running\n"), r.err
+    r = within(sb, "kill", seconds=10)
+    assert (r.code, r.out) == (0, "no buckd running\n"), r.err
+    r = within(sb, "server", seconds=20)
+    assert r.code == 1 and one_line_error(r), r.err
+    assert "cannot lock" in r.err and "not a regular file" in r.err
+    assert not sb.daemons()
+
+
+def test_a_bad_seconds_operand_fails_its_own_call_only(sb):
+    """Issue 16: `buck debug sleep ²` (a digit to str.isdigit, not to float) exits 2 with the
+    usage error in one line; buckd keeps running (same pid), and another client's running
+    `debug sleep 30` is unaffected."""
+    sb.buck("server")
+    pid = sb.info()["pid"]
+    sleeper = sb.spawn("debug", "sleep", "30")
+    assert sleeper.stdout.readline() == b"sleeping for 30 s\n"
+    r = within(sb, "debug", "sleep", "²")
+    assert (r.code, r.out, r.err) == (2, "", "buck: debug sleep: SECONDS must be seconds from 0 to "
+                                             "1e+07, not ² (usage: buck debug sleep SECONDS)\n")
+    status = sb.status()
+    assert (status["pid"], status["active_commands"]) == (pid, 1) and sleeper.poll() is None
+    sleeper.send_signal(signal.SIGINT)
+    assert sleeper.wait(timeout=10) == 130
+    wait_for(lambda: sb.status()["active_commands"] == 0)
+
+
+@pytest.mark.parametrize("args, said", [
+    (["debug sleep", "5", "6"], "unknown command debug sleep"),
+    (["debug sleep", "5"], "unknown command debug sleep"),
+    (["status", "--json", "--json"], "--json given twice")])
+def test_argv_words_are_taken_as_given(sb, args, said):
+    """Issue 16: a command is its words: `buck "debug sleep" 5 6` (one argv word) is an unknown
+    command, not a sleep; an option given twice is a usage error. Exit 2, one line, and no
+    buckd is started."""
+    r = within(sb, *args)
+    assert r.code == 2 and said in r.err and len(r.err.splitlines()) == 1 and one_line_error(r), r.err
+    assert r.out == "" and not sb.daemons()
+
+
+def test_buckd_says_a_usage_error_as_the_client_does(sb):
+    """Issue 16: an exit-2 error that buckd finds (a raw client sends `debug sleep` with the
+    operand "x") has the very form of the client's own: `buck: debug sleep: ... (usage: buck
+    debug sleep SECONDS)`."""
+    own = sb.buck("debug", "sleep")                     # found by the client
+    assert own.code == 2 and own.err == "buck: debug sleep: missing operand(s) (usage: buck debug sleep SECONDS)\n"
+    sb.buck("server")
+    raw = RawClient(sb.info())
+    try:
+        stream, accepted = raw.command(raw.pb.CommandRequest(name="debug sleep", args=[b"x"], cwd=b"/"))
+        events = []
+        for event in stream:
+            events.append(event)
+            if event.HasField("accepted"):
+                accepted.set()
+    finally:
+        raw.close()
+    assert events[-1].exit_code == 2, events
+    assert b"".join(e.stderr for e in events) == (b"buck: debug sleep: SECONDS must be seconds from 0 "
+                                                  b"to 1e+07, not x (usage: buck debug sleep SECONDS)\n")
+
+
+REAPER = """if True:
+    import ctypes, os, subprocess, sys
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)     # PR_SET_CHILD_SUBREAPER: orphans come to us
+    print("launched", subprocess.run(sys.argv[1:]).returncode, flush=True)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        print("exit", pid, os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+@pytest.mark.parametrize("method", ["Status", "Kill", "serve"])
+def test_a_bug_in_buckd_is_a_panic_wherever_it_happens(sb, tmp_path, method):
+    """Issue 16: "If buckd hits a rust `panic()` the buckd process will exit", in Status, in
+    Kill or in serve() as in a command: buckd (a copy of ours with a bug planted in that
+    method) exits with code 101, its traceback in buckd.stderr, and buckd.end says "panic"."""
+    script = copy_of_sources(tmp_path / "planted")
+    lines = (script.parent / "buckd.py").read_text().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.lstrip().startswith(f"def {method}("))
+    indent = lines[at][:len(lines[at]) - len(lines[at].lstrip())] + "    "
+    while not lines[at].split("#")[0].rstrip().endswith(":"):      # a signature on several lines
+        at += 1
+    lines.insert(at + 1, f'{indent}if os.environ.get("PLANTED_BUG"): raise RuntimeError("planted bug")\n')
+    (script.parent / "buckd.py").write_text("".join(lines))
+    (tmp_path / "reaper.py").write_text(REAPER)
+    reaper = sb.spawn(PY, script, "daemon", script=tmp_path / "reaper.py", env={"PLANTED_BUG": "1"})
+    assert reaper.stdout.readline() == b"launched 0\n"
+    pid = sb.info()["pid"]
+    if method != "serve":
+        r = within(sb, method.lower(), script=script)
+        assert no_traceback(r)
+    try:
+        said = reaper.communicate(timeout=30)[0].decode()
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"buckd (pid {pid}) survived the bug planted in {method}") from None
+    assert said == f"exit {pid} 101\n"
+    log = (sb.dir() / "buckd.stderr").read_text()
+    assert "Traceback" in log and "RuntimeError: planted bug" in log, log
+    end = json.loads((sb.dir() / "buckd.end").read_text())
+    assert end["pid"] == pid and end["how"] == "panic" and "planted bug" in end["why"], end
+
+
+def test_a_client_that_merely_paused_never_restarts_a_healthy_buckd(sb):
+    """Issue 16: a client whose Status timed out because buckd was stopped (or the client
+    paused), and which then takes lifecycle.lock, asks that buckd once more: buckd, running
+    again, answers, and the client uses it (same pid), restarting nothing."""
+    sb.buck("server")
+    pid = sb.info()["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        client = sb.spawn("server", "--json", env={"BUCK_LIFECYCLE_STOP_AT": "restart.1"})
+        wait_for(lambda: stopped(client.pid), timeout=30, what="the client to time out and take lifecycle.lock")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    r = finish(sb, client)
+    assert r.code == 0 and json.loads(r.out)["pid"] == pid, r.err
+    assert "restarting" not in r.err and "starting" not in r.err, r.err
+    assert sb.status()["pid"] == pid and sb.one_daemon() == pid
+
+
+def test_a_client_whose_files_changed_on_disk_restarts_nothing(sb, tmp_path):
+    """Issue 16: buck.py and buckd.py replaced on disk (an upgrade) while a client runs: that
+    client (stopped meanwhile) never restarts the new version's buckd with its own version;
+    it exits 1 in one line saying its files changed on disk, and the new buckd lives on."""
+    script = copy_of_sources(tmp_path / "checkout")
+    assert sb.buck("server", script=script).code == 0
+    client = sb.spawn("server", script=script, env={"BUCK_LIFECYCLE_STOP_AT": "connect.1"})
+    wait_for(lambda: stopped(client.pid), what="the client to stop at connect.1")
+    with open(script.parent / "buckd.py", "a") as f:
+        f.write("# the next version\n")
+    r = sb.buck("server", "--json", script=script)
+    assert r.code == 0 and "version mismatch" in r.err, r.err
+    new = json.loads(r.out)["pid"]
+    r = finish(sb, client)
+    assert r.code == 1 and one_line_error(r) and len(r.err.splitlines()) == 1, r.err
+    assert "files changed on disk" in r.err
+    assert alive(new) and sb.status()["pid"] == new and sb.one_daemon() == new
+
+
+def test_an_idle_timeout_too_short_to_use_is_a_usage_error(sb):
+    """Issue 16: BUCKD_IDLE_TIMEOUT=0.01 would end buckd before its client could use it:
+    `buck server` exits 2 (a usage error) with one line naming BUCKD_IDLE_TIMEOUT, and no
+    buckd is left."""
+    r = within(sb, "server", env={"BUCKD_IDLE_TIMEOUT": "0.01"})
+    assert r.code == 2 and one_line_error(r) and len(r.err.splitlines()) == 1, r.err
+    assert "BUCKD_IDLE_TIMEOUT" in r.err
+    assert not sb.daemons()
+
+
+def test_a_future_mtime_on_buckd_pid_is_not_waited_for(sb, decoy):
+    """Issue 16: a buckd.pid with an mtime 10 hours ahead, held by a live buckd that buckd.info
+    does not name (it names another pid and port): that is no buckd "starting a moment ago",
+    and `buck server` does not wait for it for hours: it replaces it within seconds."""
+    assert sb.buck("daemon", env={"BUCKD_CHECK_INTERVAL": "100"}).code == 0
+    pid = sb.info()["pid"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]                   # closed: no one answers there
+    (sb.dir() / "buckd.info").write_text(json.dumps({**sb.info(), "pid": decoy.pid, "port": port}))
+    future = time.time() + 10 * 3600
+    os.utime(sb.dir() / "buckd.pid", (future, future))
+    r = within(sb, "server", "--json", seconds=40)
+    assert r.code == 0 and no_traceback(r), r.err
+    assert json.loads(r.out)["pid"] not in (pid, decoy.pid) and not alive(pid)
