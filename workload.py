@@ -17,10 +17,10 @@ use them. The client makes its usage and its parser from the same table.
 - status() returns named figures (name -> int) that `buck status` shows.
 An exception of any other kind is a bug: buckd panics.
 """
+import _thread                  # (not threading: the client imports us, and must start fast)
 import os
 import stat
 import struct
-import threading
 import time
 
 import buck
@@ -36,7 +36,7 @@ STAMP = struct.Struct("qqq")    # size, mtime_ns, ctime_ns: while unchanged, so 
 
 digests = {}                    # dev << 64 | ino -> STAMP + hex digest
 counts = {"files_read": 0}
-lock = threading.Lock()         # guards writes to both; lookups take none
+lock = _thread.allocate_lock()  # guards writes to both; lookups take none
 
 
 def status():
