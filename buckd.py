@@ -165,7 +165,7 @@ def redirect_stdio(d):
         opened = buck.open_file(path, flags)
         os.dup2(opened, fd)
         os.close(opened)
-    sys.stderr = open(2, "w", buffering=1, closefd=False)     # (None if 2 was closed at start)
+    sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # (or None)
 
 
 def log_start(d, why, by):
