@@ -1,16 +1,13 @@
 #!/usr/bin/env python3
-"""buck: the client of buckd. The spec is buck2's daemon_lifecycle.md
-(https://github.com/facebook/buck2/blob/main/app/buck2_daemon/daemon_lifecycle.md). This file
-holds, in its order: the commands that need no daemon, the daemon directory, "client connection
-and buckd startup" and "buck kill and other daemon restarts". buckd.py holds "daemon process
-flow"; workload.py the commands buckd runs. Slow imports (json, grpc) wait until needed.
-"""
+"""buck, the client of buckd, after buck2's daemon_lifecycle.md, whose sections it follows:
+https://github.com/facebook/buck2/blob/main/app/buck2_daemon/daemon_lifecycle.md
+buckd.py holds "daemon process flow"; workload.py the commands buckd runs. Slow imports (json,
+grpc) wait until needed."""
 import os
 import sys
 import time
 
-# --- The names a vendoring user changes (README, "Vendoring"): here, once. Renaming TOOL and
-# DAEMON renames everything else.
+# --- What a vendoring user changes (README, "Vendoring"): renaming TOOL, DAEMON renames the rest.
 TOOL, DAEMON = "buck", "buckd"          # the command and its daemon, in messages and usage
 WORKLOAD = "workload"                   # the module of the commands buckd runs
 SOURCES = ("buck.py", "buckd.py", f"{WORKLOAD}.py", "daemon.proto",        # the version: a
@@ -23,8 +20,7 @@ STDOUT_FILE, STDERR_FILE = f"{DAEMON}.stdout", f"{DAEMON}.stderr"  # buckd.stdou
 END_FILE = f"{DAEMON}.end"              # buckd.end: how the last buckd ended (or that it runs)
 LOCK_FILE, PREV_DIR = "lifecycle.lock", "prev"
 TOKEN_KEY = f"{DAEMON}-token"           # buckd-token: the gRPC metadata with buckd's token
-# The environment: what buckd alone reads or sets is named after the daemon (BUCKD_...), what
-# every process of the tool reads after the tool (BUCK_...).
+# The environment: BUCKD_... is what buckd alone reads or sets, BUCK_... what every process reads.
 CHECK_INTERVAL_ENV = f"{DAEMON.upper()}_CHECK_INTERVAL"    # BUCKD_CHECK_INTERVAL
 IDLE_TIMEOUT_ENV = f"{DAEMON.upper()}_IDLE_TIMEOUT"        # BUCKD_IDLE_TIMEOUT
 STARTED_ENV = f"{DAEMON.upper()}_STARTED_BECAUSE"          # why a client starts buckd, and who
@@ -119,20 +115,22 @@ def open_file(path, flags=os.O_RDONLY):
 def read_file(path, limit=1 << 20):
     """The file's bytes (at most `limit`), or None if it cannot be read (missing, a FIFO...)."""
     try:
-        with open(open_file(path), "rb") as f:
-            return f.read(limit)
+        fd = open_file(path)
+        try:
+            return open(fd, "rb", closefd=False).read(limit)
+        finally:
+            os.close(fd)            # (also when it is a directory, which open() refuses)
     except OSError:
         return None
 
 
-def write_atomically(path, data):
-    """Write a whole file (0600) under its final name at once: never seen half-written."""
+def write_json(path, value):
+    """Write value as JSON in a file (0600) under its final name at once: never half-written."""
+    import json
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+    with open(fd, "wb") as f:
+        f.write(json.dumps(value).encode())
     os.replace(tmp, path)
 
 
@@ -166,8 +164,7 @@ def daemon_settings():
     return interval, idle or None
 
 
-# --- "There's a small set of commands/arguments that don't require the daemon (`buck help`,
-# cli arg parse failures, `buck version`, ...)"
+# --- "There's a small set of commands/arguments that don't require the daemon (`buck help`, ...)"
 
 COMMANDS = {            # name: (usage, help); no help: hidden. workload.COMMANDS adds its own.
     "help": ("", "show this message"),
@@ -193,8 +190,7 @@ def commands():
 def version():
     """A checksum of SOURCES, read once per process: every edit is a new buck build."""
     global _version
-    if _version is None:
-        _version = checksum()
+    _version = _version or checksum()
     return _version
 
 
@@ -325,9 +321,8 @@ def interrupted(*_):
     os._exit(EXIT_INTERRUPTED)
 
 
-# --- The lifecycle log (docs/lifecycle-log.md): with BUCK_LIFECYCLE_LOG=PATH every client and
-# buckd appends a JSON line per step of the doc it takes, for tools/lifecycle.py to check and
-# draw. With BUCK_LIFECYCLE_STOP_AT=STEP a process stops itself (SIGSTOP) right after that step.
+# --- The lifecycle log (docs/lifecycle-log.md): BUCK_LIFECYCLE_LOG=PATH, every process appends
+# a JSON line per step of the doc; BUCK_LIFECYCLE_STOP_AT=STEP, it SIGSTOPs itself after STEP.
 LOG_PATH, STOP_AT = os.environ.get(LOG_ENV), os.environ.get(STOP_AT_ENV)
 LOG_PATH = LOG_PATH and os.path.abspath(LOG_PATH)     # buckd's cwd is "/"
 trace = {"role": "client", "dir": None, "locked": False, "run": {}}     # buckd: "daemon"
@@ -341,11 +336,8 @@ def step(name, /, **fields):
         line = {"t": time.time(), "pid": os.getpid(), "run": run, "role": trace["role"],
                 "version": version(), "dir": trace["dir"], "step": name, **fields}
         try:
-            fd = open_file(LOG_PATH, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-            try:
-                os.write(fd, json.dumps(line).encode() + b"\n")     # one write: lines never mix
-            finally:
-                os.close(fd)
+            with open(open_file(LOG_PATH, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab", 0) as f:
+                f.write(json.dumps(line).encode() + b"\n")     # unbuffered, one write: never mixed
         except OSError:
             pass
     if name == STOP_AT:
@@ -452,14 +444,13 @@ def load_grpc():
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
         sys.path.insert(0, HERE)
         try:
-            import grpc as grpc_module, daemon_pb2, daemon_pb2_grpc
+            import grpc, daemon_pb2 as pb, daemon_pb2_grpc as pb_grpc    # (the globals)
         except ImportError as e:
             raise Fail(f"{e}: {TOOL} needs grpcio and protobuf, and daemon_pb2*.py generated "
                        f"from daemon.proto in {shown(HERE)} (see README.md)")
         finally:
             if quiet:               # grpc has read it by now
                 del os.environ["GRPC_VERBOSITY"]
-        grpc, pb, pb_grpc = grpc_module, daemon_pb2, daemon_pb2_grpc
     return grpc, pb, pb_grpc
 
 
@@ -469,7 +460,8 @@ class Connection:
     def __init__(self, info):
         load_grpc()
         self.pid = info["pid"]
-        channel = grpc.insecure_channel(f"127.0.0.1:{info['port']}", options=[("grpc.enable_http_proxy", 0)])
+        no_proxy = [("grpc.enable_http_proxy", 0)]
+        channel = grpc.insecure_channel(f"127.0.0.1:{info['port']}", options=no_proxy)
         self.stub = pb_grpc.DaemonApiStub(channel)
         self.metadata = ((TOKEN_KEY, info["auth_token"]),)
 
@@ -479,11 +471,9 @@ class Connection:
 
     def kill(self, reason):
         """Ask buckd to shut down. False if the call failed (wedged, or gone already)."""
-        try:
-            self.stub.Kill(pb.KillRequest(reason=reason), timeout=KILL_TIMEOUT, metadata=self.metadata)
-        except grpc.RpcError:
-            return False
-        return True
+        request = pb.KillRequest(reason=reason)
+        call = self.stub.Kill.future(request, timeout=KILL_TIMEOUT, metadata=self.metadata)
+        return call.exception() is None
 
 
 def rpc_error(e):
@@ -526,7 +516,7 @@ def check_version(raw, timeout=STATUS_TIMEOUT):
 
 def restart(d, isolation, seen, why):
     """"To start/restart the buckd process", steps 1-6, unless buckd no longer needs it."""
-    with lifecycle_lock(d):                             # 1. lock the "lifecycle.lock" file
+    with lifecycle_lock(d):                 # 1. lock "lifecycle.lock"; 6. release it on leaving
         if another_client_restarted(d, seen) or answers_now(seen, why):
             return
         why = explain(d, seen, why)
@@ -534,7 +524,6 @@ def restart(d, isolation, seen, why):
         say(f"{'starting' if why[0] in (NO_DAEMON, VANISHED) else 'restarting'} {DAEMON}: {why[1]}")
         kill_daemon(d, f"{DAEMON} was restarted by pid {os.getpid()}: {why[1]}")   # 2-3. kill it
         start_daemon(d, isolation, why)                 # 4-5. run `buck daemon`, wait until ready
-    # 6. release the "lifecycle.lock" file (on leaving `with`)
 
 
 def another_client_restarted(d, seen):
@@ -623,9 +612,8 @@ def end_record(where):
 
 def record_end(d, pid, how, why):
     """Write how buckd `pid` ended, unless written already (a killer writes first)."""
-    import json
     if end_record(d).get("pid") != pid or not end_record(d).get("how"):
-        write_atomically(os.path.join(d, END_FILE), json.dumps({"pid": pid, "how": how, "why": why}).encode())
+        write_json(os.path.join(d, END_FILE), {"pid": pid, "how": how, "why": why})
 
 
 # "When the client is killing or starting the buckd process, it will grab an exclusive lock
@@ -646,7 +634,7 @@ class lifecycle_lock:
                 os.close(self.fd)
                 raise Fail(f"timed out after {LOCK_TIMEOUT:.0f} s waiting for {LOCK_FILE} (held by: {whom})")
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, b"pid %d: %s\n" % (os.getpid(), b" ".join(map(os.fsencode, sys.argv))), 0)
+        os.pwrite(self.fd, f"pid {os.getpid()}: {command_line()}\n".encode(), 0)
         trace["locked"] = True      # first: a Ctrl-C from here on still logs restart.6
         step("restart.1")
 
@@ -662,6 +650,11 @@ class lifecycle_lock:
         step("restart.6")
         trace["locked"] = False
         os.close(self.fd)           # our only fd of it: closing it releases the flock
+
+
+def command_line():
+    """This client's command line as messages show it (by TOOL's name, not its script's)."""
+    return shown(" ".join([TOOL, *sys.argv[1:]]))
 
 
 def kill_daemon(d, reason):
@@ -699,10 +692,10 @@ def start_daemon(d, isolation, why):
     """Steps 4-5: run `buck daemon`, which exits once buckd serves; why goes in its env."""
     import json
     import subprocess
-    told = json.dumps({"why": why[1], "by": f"pid {os.getpid()}: {shown(' '.join(sys.argv))}"})
-    proc = subprocess.Popen([sys.executable, os.path.realpath(__file__), "--isolation-dir", isolation, "daemon"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, STARTED_ENV: told})
+    told = json.dumps({"why": why[1], "by": f"pid {os.getpid()}: {command_line()}"})
+    argv = [sys.executable, os.path.realpath(__file__), "--isolation-dir", isolation, "daemon"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, STARTED_ENV: told})
     load_grpc()                     # our own grpc import overlaps the daemon's start
     try:
         _, err = proc.communicate(timeout=START_TIMEOUT)
@@ -717,8 +710,7 @@ def start_daemon(d, isolation, why):
     elif proc.returncode > 0 and proc.returncode != EXIT_ALREADY_RUNNING:
         said = (err.decode(errors="replace").strip().splitlines() or ["no reason given"])[-1]
         raise Fail(f"{DAEMON} failed to start: {said.removeprefix(f'{TOOL}: ')}")
-    # Else a buckd was started behind our back (exit 3), or `buck daemon` was killed: buckd
-    # may be up or not. Either way the connect loop sees to it.
+    # Else exit 3 (a buckd started behind our back) or killed: the connect loop sees to it.
 
 
 # --- "buck kill and other daemon restarts", and the commands that report daemons
@@ -752,7 +744,7 @@ def cmd_killall(isolation, options):
 
 def cmd_server(isolation, options):
     """Make sure a buckd of this client's version runs, then report it."""
-    return print_status([status_fields(connect(daemon_dir(isolation), isolation)[1])], "json" in options)
+    return print_status([status_fields(connect(daemon_dir(isolation), isolation)[1])], options)
 
 
 def cmd_status(isolation, options):
@@ -762,7 +754,7 @@ def cmd_status(isolation, options):
     rows = [status_row(*row, patience=0 if every else EXIT_TIMEOUT) for row in asked]
     if not every and rows[0]["state"] not in ("running", "dead", "none"):
         raise Fail(f"{DAEMON} (pid {rows[0]['pid']}) is {rows[0]['state']}")
-    return print_status([row for row in rows if row["state"] != "none" or not every], "json" in options, every)
+    return print_status([row for row in rows if row["state"] != "none" or not every], options, every)
 
 
 def ask_status(d):
@@ -780,7 +772,7 @@ def status_row(d, pid, info, call, patience):
             if e.code() != grpc.StatusCode.UNAVAILABLE or not poll(lambda: holder(d) != pid, patience):
                 return {"daemon_dir": d, "pid": pid, "state": f"not responding: {rpc_error(e)}"}
             pid = None              # it was shutting down, and now it is gone
-    state = "starting, not named in buckd.info yet" if pid is not None else "dead" if info else "none"
+    state = f"starting, not named in {INFO_FILE} yet" if pid is not None else "dead" if info else "none"
     return {"daemon_dir": d, "pid": (info or {}).get("pid") if pid is None else pid, "state": state,
             "previous_end": how_it_ended(d) or ""}
 
@@ -791,9 +783,9 @@ def status_fields(reply):
     return {"state": "running", **fields, **dict(reply.figures)}
 
 
-def print_status(rows, as_json, every=False):
+def print_status(rows, options, every=False):
     import json
-    if as_json:
+    if "json" in options:
         out(json.dumps(rows if every else rows[0]) + "\n")
     elif every:
         out("".join(status_line(row) + "\n" for row in rows) or f"no {DAEMON} running\n")

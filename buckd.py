@@ -1,9 +1,6 @@
-"""buckd: the buck daemon. This file holds "daemon process flow" of buck2's daemon_lifecycle.md
-(https://github.com/facebook/buck2/blob/main/app/buck2_daemon/daemon_lifecycle.md), in its
-order: `buck daemon` daemonizes (main); buckd locks buckd.pid, redirects its output, serves
-the DaemonApi, writes buckd.info (run), until one of the ways to shut down (serve). The commands
-it runs are workload.py's, through one seam: workload.COMMANDS.
-"""
+"""buckd, the buck daemon: "daemon process flow" of daemon_lifecycle.md (link: buck.py), in its
+order: `buck daemon` daemonizes (main); buckd locks buckd.pid, redirects its output, serves the
+DaemonApi, writes buckd.info (run), until one of the ways to shut down (serve)."""
 import fcntl
 import hmac
 import json
@@ -42,13 +39,13 @@ def main(d, root):
         os.close(write_end)
         os.waitpid(child, 0)        # the intermediate process exits at once
         with os.fdopen(read_end, "rb") as pipe:
-            word = pipe.read().decode(errors="replace") or f"1 {DAEMON} exited during startup, " \
-                f"see {os.path.join(d, STDERR_FILE)}"   # (nothing: buckd died)
-        code, _, message = word.partition(" ")
+            word = pipe.read().decode(errors="replace")
+        died = f"1 {DAEMON} exited during startup, see {os.path.join(d, STDERR_FILE)}"
+        code, _, message = (word or died).partition(" ")
         buck.to_stderr(f"{message}\n".encode() if message else b"")
         return int(code)
     os.close(read_end)
-    daemonize(root)
+    daemonize(f"{DAEMON}[{os.path.basename(root)}]")
     try:
         os._exit(run(d, root, interval, idle, why, by, ready=write_end))
     except BaseException as e:
@@ -64,7 +61,7 @@ def started_because():
         return f"started by hand (`{TOOL} daemon`)", f"pid {os.getppid()}"
 
 
-def daemonize(root):
+def daemonize(name):
     """The classic recipe (Stevens, APUE 13.3; PEP 3143), each step for a reason."""
     os.setsid()                     # a session of our own: no terminal, no client's signals
     if os.fork():
@@ -73,7 +70,7 @@ def daemonize(root):
     os.umask(0o077)                 # every file we create is private
     try:                            # our name in `ps` and `top`, which our threads inherit
         import ctypes               # (Linux: PR_SET_NAME, 15 bytes; elsewhere we stay python)
-        ctypes.CDLL(None).prctl(15, os.fsencode(f"{DAEMON}[{os.path.basename(root)}]")[:15], 0, 0, 0)
+        ctypes.CDLL(None).prctl(15, os.fsencode(name)[:15], 0, 0, 0)
     except (OSError, AttributeError):
         pass
 
@@ -118,8 +115,7 @@ def startup_failed(ready, e):
 
 
 def watch_signals():
-    """SIGTERM, SIGINT wake serve() through a pipe, as Kill does; their handlers do nothing:
-    a Python handler may run while the main thread holds a lock."""
+    """SIGTERM, SIGINT wake serve() by a pipe, as Kill does (a handler can run under any lock)."""
     wake = os.pipe()
     for fd in wake:
         os.set_blocking(fd, False)
@@ -148,7 +144,7 @@ def lock_pid_file(d):
         os.close(fd)                # we hold no lock on it: closing it drops nothing
         if pid is None:
             raise
-        raise AlreadyRunning(f"{DAEMON} is already running for {buck.shown(d)} (pid {pid})") from None
+        raise AlreadyRunning(f"{DAEMON} is already running for {buck.shown(d)} (pid {pid})")
     ours.update(dir=d, pid_fd=fd)
     buck.own_pid_file = os.fstat(fd)
     os.ftruncate(fd, 0)
@@ -159,9 +155,9 @@ def lock_pid_file(d):
 def redirect_stdio(d):
     """"It redirects its stdout and stderr to files"; the last buckd's move to prev/."""
     buck.keep_logs(d)
-    for fd, path, flags in ((0, os.devnull, os.O_RDONLY),
-                            (1, os.path.join(d, STDOUT_FILE), os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
-                            (2, os.path.join(d, STDERR_FILE), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+    new = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, os.path.join(d, STDOUT_FILE), new),
+                            (2, os.path.join(d, STDERR_FILE), new)):
         opened = buck.open_file(path, flags)
         os.dup2(opened, fd)
         os.close(opened)
@@ -173,7 +169,7 @@ def log_start(d, why, by):
     previous = buck.how_it_ended(d) or "none known"
     log(f"{DAEMON} pid {os.getpid()} version {buck.version()} starting in {d}")
     log(f"started because: {why} (by {by}); the previous {DAEMON}: {previous}")
-    buck.write_atomically(os.path.join(d, buck.END_FILE), json.dumps({"pid": os.getpid()}).encode())
+    buck.write_json(os.path.join(d, buck.END_FILE), {"pid": os.getpid()})
     return previous
 
 
@@ -191,7 +187,7 @@ def write_info(d, api):
     """Write buckd.info at once, never seen half-written; return its file_id."""
     info = {"pid": os.getpid(), "port": api.port, "version": api.version,
             "auth_token": api.token, "start_time": api.start_time}
-    buck.write_atomically(os.path.join(d, INFO_FILE), json.dumps(info).encode())
+    buck.write_json(os.path.join(d, INFO_FILE), info)
     return file_id(os.path.join(d, INFO_FILE))
 
 
@@ -204,7 +200,7 @@ def file_id(path):
 def still_ours(name=None, name_id=None):
     """Is buckd.pid the file we hold, and `name` the file we wrote? (Else a newer buckd's.)"""
     try:
-        pid_file = os.path.samestat(os.stat(os.path.join(ours["dir"], PID_FILE)), os.fstat(ours["pid_fd"]))
+        pid_file = os.path.samestat(os.stat(os.path.join(ours["dir"], PID_FILE)), buck.own_pid_file)
         return pid_file and (name is None or file_id(os.path.join(ours["dir"], name)) == name_id)
     except OSError:
         return False
@@ -223,8 +219,7 @@ def log(message):
     print(time.strftime("%Y-%m-%d %H:%M:%S"), message, file=sys.stderr, flush=True)
 
 
-# "There are 3 ways that the buckd process will shutdown"; and a signal, idleness, and a
-# repository that is gone.
+# "There are 3 ways that the buckd process will shutdown"; and a signal, idleness, a lost repo.
 def serve(api, d, root, pid_fd, info_id, wake, interval, idle):
     """Wait until buckd must shut down; return (how, why). (A panic exits from anywhere.)"""
     next_check = time.monotonic() + interval
@@ -309,8 +304,8 @@ def require_token(token):
 
     class RequireToken(grpc.ServerInterceptor):
         def intercept_service(self, continuation, details):
-            given = dict(details.invocation_metadata).get(buck.TOKEN_KEY, "")
-            return continuation(details) if hmac.compare_digest(given.encode(), token.encode()) else deny
+            given = dict(details.invocation_metadata).get(buck.TOKEN_KEY, "").encode()
+            return continuation(details) if hmac.compare_digest(given, token.encode()) else deny
     return RequireToken()
 
 
@@ -357,14 +352,14 @@ class DaemonApi:
         """One command, by daemon.proto's handshake; bad requests end their own call."""
         stop = threading.Event()
         with self.lock:             # counted from the start: a stream holds a thread
-            refused = self.reason or len(self.active) >= MAX_COMMANDS
-            if not refused:
+            shutting_down, busy = self.reason is not None, len(self.active) >= MAX_COMMANDS
+            if not (shutting_down or busy):
                 self.active.add(stop)
                 self.last_used = time.monotonic()
-        if self.reason:             # not accepted: the client may send it elsewhere
+        if shutting_down:           # not accepted: the client may send it elsewhere
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{DAEMON} is shutting down")
-        if refused:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{DAEMON} is busy: {MAX_COMMANDS} commands run")
+        if busy:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{DAEMON} is busy: {MAX_COMMANDS} run")
         if not context.add_callback(stop.set):      # the call ends: the client went away
             stop.set()
         try:

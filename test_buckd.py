@@ -2281,12 +2281,13 @@ def test_a_client_whose_files_changed_on_disk_restarts_nothing(sb, tmp_path):
     assert alive(new) and sb.status()["pid"] == new and sb.one_daemon() == new
 
 
-def test_an_idle_timeout_too_short_to_use_is_a_usage_error(sb):
-    """Issue 16: BUCKD_IDLE_TIMEOUT=0.01 would end buckd before its client could use it:
-    `buck server` exits 2 (a usage error) with one line naming BUCKD_IDLE_TIMEOUT, and no
-    buckd is left."""
+def test_an_idle_timeout_too_short_to_use_is_refused(sb):
+    """Issue 16: BUCKD_IDLE_TIMEOUT=0.01 would end buckd before its client could use it: it is
+    refused as a bad value (as every bad duration: `buck server` exits 1 with one line naming
+    BUCKD_IDLE_TIMEOUT; `buck daemon`, whose setting it is, exits 2), and no buckd is left."""
+    assert within(sb, "daemon", env={"BUCKD_IDLE_TIMEOUT": "0.01"}).code == 2
     r = within(sb, "server", env={"BUCKD_IDLE_TIMEOUT": "0.01"})
-    assert r.code == 2 and one_line_error(r) and len(r.err.splitlines()) == 1, r.err
+    assert r.code == 1 and one_line_error(r) and len(r.err.splitlines()) == 1, r.err
     assert "BUCKD_IDLE_TIMEOUT" in r.err
     assert not sb.daemons()
 
@@ -2306,3 +2307,473 @@ def test_a_future_mtime_on_buckd_pid_is_not_waited_for(sb, decoy):
     r = within(sb, "server", "--json", seconds=40)
     assert r.code == 0 and no_traceback(r), r.err
     assert json.loads(r.out)["pid"] not in (pid, decoy.pid) and not alive(pid)
+
+
+# --- Why did my daemon restart? Every start explained, every daemon in view (issue 15)
+
+def instance_of(info):
+    """The mark buckd sets as BUCKD_INSTANCE for the processes its commands start."""
+    return f"{info['pid']}@{info['start_time']!r}"
+
+
+def restart_4s(sb):
+    return [l for l in sb.lines() if l["step"] == "restart.4"]
+
+
+@pytest.fixture
+def repos(sb):
+    """make(name): another repository beside sb.repo, in sb's HOME. At teardown, before sb's
+    own cleanup, its buckds are stopped: by `buck kill` while it is a repository, else by pid."""
+    made = []
+
+    def make(name):
+        repo = sb.tmp / name
+        repo.mkdir()
+        (repo / ".buckconfig").write_text("")
+        made.append(repo)
+        return repo
+    yield make
+    for pid in sb.processes():
+        if stopped(pid):
+            os.kill(pid, signal.SIGCONT)
+    for repo in made:
+        for pid_file in (sb.home / ".buck" / "buckd" / str(repo).lstrip("/")).glob("*/buckd.pid"):
+            if lock_holder(pid_file) is None:
+                continue
+            if (repo / ".buckconfig").exists():
+                sb.buck("--isolation-dir", pid_file.parent.name, "kill", cwd=repo)
+            else:
+                os.kill(lock_holder(pid_file), signal.SIGKILL)
+
+
+def dir_of(sb, repo, isolation="v2"):
+    return sb.home / ".buck" / "buckd" / str(repo).lstrip("/") / isolation
+
+
+@pytest.fixture
+def spawning_buck(tmp_path):
+    """A checkout whose workload has one more hidden command, `debug run -- ARGV...`: it runs
+    ARGV in the client's cwd as a child of buckd and passes on its output and exit code (as a
+    build's action would run a tool). Another version, as any edit makes one."""
+    script = Path(lifecycle.copy_sources(BUCK, tmp_path / "spawning"))
+    with open(script.parent / "workload.py", "a") as f:
+        f.write('''
+
+def cmd_debug_run(call):
+    """`buck debug run -- ARGV...`: ARGV, run by buckd, as a tool run by a build would be."""
+    import subprocess
+    done = subprocess.run([os.fsdecode(a) for a in call.args], cwd=call.cwd, capture_output=True,
+                          stdin=subprocess.DEVNULL, timeout=60)
+    for kind, data in (("stdout", done.stdout), ("stderr", done.stderr)):
+        if data:
+            yield kind, data
+    return done.returncode
+
+
+COMMANDS["debug run"] = ("ARGV...", None, cmd_debug_run)
+''')
+    return script
+
+
+def test_a_start_records_why_and_by_whom_everywhere(sb):
+    """Claim: a client that starts buckd says why and who it is; buckd shows both in `status`
+    (text and --json), at the top of buckd.stderr and in the lifecycle log's restart.4;
+    `previous_end` says none is known the first time. The reason is not in buckd's argv
+    (public in `ps`): its command line is the hidden `daemon` command alone."""
+    r = sb.buck("server", "--json")
+    why = "no buckd was running"
+    assert r.code == 0 and r.err == f"buck: starting buckd: {why}\n", r.err
+    status = json.loads(r.out)
+    by = status["started_by"]                   # "pid N: <its command line>"
+    assert by.startswith(f"pid {r.pid}: ") and by.endswith(" server --json"), by
+    assert (status["started_because"], status["previous_end"]) == (why, "none known")
+    assert sb.status() | {"uptime_s": 0, "idle_s": 0} == status | {"uptime_s": 0, "idle_s": 0}
+    text = sb.buck("status").out.splitlines()
+    assert f"  started_because: {why}" in text and f"  started_by: {by}" in text
+    assert "  previous_end: none known" in text
+    first = "\n".join((sb.dir() / "buckd.stderr").read_text().splitlines()[:3])
+    assert f"started because: {why} (by {by})" in first and "the previous buckd: none known" in first, first
+    assert [(l["why"], l["exit"]) for l in restart_4s(sb)] == [(why, 0)]
+    argv = b" ".join(cmdline(status["pid"])).strip()
+    assert argv.endswith(b"buck.py --isolation-dir v2 daemon") and b"running" not in argv, argv
+    assert guarantees_hold(sb)
+
+
+def test_commands_buckd_runs_inherit_its_mark_but_not_why_it_started(sb, spawning_buck):
+    """Claim: buckd removes BUCKD_STARTED_BECAUSE from its environment, so the processes its
+    commands start do not inherit it; they do inherit BUCKD_INSTANCE=<pid>@<start_time repr>,
+    naming that very buckd (from its buckd.info)."""
+    assert sb.buck("server", script=spawning_buck).code == 0
+    show_env = [PY, "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
+    r = sb.buck("debug", "run", "--", *show_env, script=spawning_buck)
+    assert r.code == 0, r.err
+    env = json.loads(r.out)
+    assert env["BUCKD_INSTANCE"] == instance_of(sb.info())
+    assert "BUCKD_STARTED_BECAUSE" not in env
+    assert env["HOME"] == str(sb.home)          # (the user's environment, otherwise)
+
+
+@pytest.mark.parametrize("cause", ["version mismatch", "not usable", "corrupt info", "crashed",
+                                   "vanished", "by hand"])
+def test_every_start_says_why(sb, other_buck, cause):
+    """Claim: each way a client comes to start buckd is the new buckd's started_because, as
+    the client said it on stderr and in restart.4: a version mismatch (both versions), a
+    buckd that is not usable (the RPC error), a corrupt buckd.info, a buckd that crashed or
+    vanished (with how it ended); `buck daemon` run by hand says so. A buckd that a client
+    had to signal has that client's record of who killed it and why, with the signal."""
+    script, killed = BUCK, ()
+    if cause != "by hand":
+        sb.buck("server", env={"BUCKD_CHECK_INTERVAL": "100"})    # self-checks stay out of it
+        old = sb.info()["pid"]
+    if cause == "version mismatch":
+        script = other_buck
+        why = f"buckd version mismatch (daemon {version_of()}, client {version_of(other_buck)})"
+    elif cause == "not usable":
+        (sb.dir() / "buckd.info").write_text(json.dumps({**sb.info(), "port": 1}))
+        why = f"buckd (pid {old}) is not usable (UNAVAILABLE: "
+    elif cause == "corrupt info":
+        (sb.dir() / "buckd.info").write_text("{not json")
+        why = "buckd.info is corrupt"
+    elif cause == "crashed":
+        sb.buck("debug", "crash")
+        wait_for(lambda: not alive(old))
+        why = f"buckd (pid {old}) crashed or vanished (pid {old} ended by panic: RuntimeError('`buck debug crash` was invoked'))"
+    elif cause == "vanished":
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: not alive(old))
+        why, killed = f"buckd (pid {old}) crashed or vanished (pid {old} vanished without a word (SIGKILL, or out of memory?))", (old,)
+    if cause == "by hand":
+        r = sb.buck("daemon")
+        assert r.code == 0, r.err
+        status = sb.status()
+        assert (status["started_because"], status["started_by"]) == ("started by hand (`buck daemon`)", f"pid {os.getpid()}")
+        assert status["previous_end"] == "none known" and not restart_4s(sb)
+        assert "started because: started by hand (`buck daemon`)" in (sb.dir() / "buckd.stderr").read_text()
+        return
+    r = sb.buck("server", "--json", script=script)
+    assert r.code == 0 and no_traceback(r), r.err
+    status = json.loads(r.out)
+    said = r.err.splitlines()[-1]
+    assert said.removeprefix("buck: starting buckd: ").removeprefix("buck: restarting buckd: ") == status["started_because"], r.err
+    assert status["started_because"].startswith(why)
+    assert status["started_by"].startswith(f"pid {r.pid}: ") and status["started_by"].endswith(" server --json")
+    if cause == "not usable":
+        assert status["started_because"].endswith(")")
+    assert restart_4s(sb)[-1]["why"] == status["started_because"]
+    assert f"started because: {status['started_because']} (by pid {r.pid}: " in (sb.dir() / "buckd.stderr").read_text()
+    previous = {       # how the replaced buckd ended: the restarting client's record, or buckd's own
+        "version mismatch": f"pid {old} ended by kill: buckd was restarted by pid {r.pid}: {why}",
+        "not usable": f"pid {old} ended by kill: buckd was restarted by pid {r.pid}: {status['started_because']} (SIGTERM)",
+        "corrupt info": f"pid {old} ended by kill: buckd was restarted by pid {r.pid}: {why} (SIGTERM)",
+        "crashed": f"pid {old} ended by panic: RuntimeError('`buck debug crash` was invoked')",
+        "vanished": f"pid {old} vanished without a word (SIGKILL, or out of memory?)"}[cause]
+    assert status["previous_end"] == previous
+    assert guarantees_hold(sb, killed=killed)
+
+
+@pytest.mark.parametrize("how", ["kill", "idle", "self-check", "signal", "panic", "repository gone", "vanished"])
+def test_status_says_how_the_last_buckd_ended(sb, how):
+    """Claim: buckd.end says how the last buckd ended ({"pid"} while it runs, then "how" and
+    "why"); with none running `status` says it after `no buckd running`; the client that
+    starts the next buckd says it; the new buckd shows it as previous_end and buckd.end moves
+    to prev/ with the logs. SIGKILL leaves only the pid: "vanished without a word"."""
+    sb.buck("server", env={"BUCKD_IDLE_TIMEOUT": "1"} if how == "idle" else {})
+    d, pid, killed = sb.dir(), sb.info()["pid"], ()
+    assert json.loads((d / "buckd.end").read_text()) == {"pid": pid}
+    if how == "kill":
+        k = sb.buck("kill")
+        ended = f"ended by kill: `buck kill` was invoked by pid {k.pid}"
+    elif how == "idle":
+        ended = "ended by idle: no client for 1 s (BUCKD_IDLE_TIMEOUT)"
+    elif how == "self-check":
+        (d / "buckd.info").unlink()
+        ended = "ended by self-check: buckd.info was removed or rewritten"
+    elif how == "signal":
+        os.kill(pid, signal.SIGTERM)
+        ended = "ended by signal: buckd received SIGTERM"
+    elif how == "panic":
+        sb.buck("debug", "crash")
+        ended = "ended by panic: RuntimeError('`buck debug crash` was invoked')"
+    elif how == "repository gone":
+        (sb.repo / ".buckconfig").unlink()
+        ended = "ended by repository gone: "        # the why, from buckd.end below
+    else:
+        os.kill(pid, signal.SIGKILL)
+        ended, killed = "vanished without a word (SIGKILL, or out of memory?)", (pid,)
+    try:
+        wait_for(lambda: not alive(pid), timeout=10, what="buckd to end")
+    finally:
+        (sb.repo / ".buckconfig").write_text("")
+    record = json.loads((d / "buckd.end").read_text())
+    if how == "repository gone":
+        assert str(sb.repo) in record["why"] and ".buckconfig" in record["why"], record
+        ended += record["why"]
+    assert record == ({"pid": pid} if how == "vanished" else
+                      {"pid": pid, "how": how, "why": ended.split(": ", 1)[1]})
+    r = sb.buck("status")
+    assert (r.code, r.out) == (0, f"no buckd running\nthe last one, pid {pid} {ended}\n")
+    as_json = sb.status()
+    assert as_json["previous_end"] == f"pid {pid} {ended}"
+    assert as_json["state"] == ("dead" if how in ("panic", "vanished") else "none")
+    r = sb.buck("server", "--json")
+    assert r.code == 0, r.err
+    new = json.loads(r.out)
+    if how in ("panic", "vanished"):
+        assert f"buck: starting buckd: buckd (pid {pid}) crashed or vanished (pid {pid} {ended})" in r.err.splitlines()
+    else:
+        assert r.err == f"buck: starting buckd: no buckd was running (the last one, pid {pid} {ended})\n"
+    assert new["previous_end"] == f"pid {pid} {ended}" and new["pid"] != pid
+    assert json.loads((d / "prev" / "buckd.end").read_text()) == record
+    assert json.loads((d / "buckd.end").read_text()) == {"pid": new["pid"]}
+    assert f"the previous buckd: pid {pid} {ended}" in (d / "buckd.stderr").read_text()
+    assert guarantees_hold(sb, killed=killed)
+
+
+def test_idle_timeout_below_one_second_is_refused(sb):
+    """Claim: BUCKD_IDLE_TIMEOUT is 0 (never) or at least 1 s: a shorter one is refused in
+    one line and no buckd starts."""
+    r = sb.buck("server", env={"BUCKD_IDLE_TIMEOUT": "0.5"})
+    assert r.code == 1 and one_line_error(r) and "BUCKD_IDLE_TIMEOUT must be 0 (never) or at least 1 s" in r.err
+    assert not sb.daemons()
+    r = sb.buck("server", env={"BUCKD_IDLE_TIMEOUT": "0"})
+    assert r.code == 0 and alive(sb.info()["pid"])
+
+
+def test_wedged_buckds_are_listed_and_their_killer_leaves_the_record(sb, repos):
+    """Claim: `status --all` asks every buckd at once: with three buckds wedged (SIGSTOPped:
+    each costs a Status timeout) among running ones it still ends within ~10 s (asked one by
+    one they would take 15 s), showing those as not responding and the other as running.
+    A buckd killed by a client's signals cannot write how it ended: the client writes it
+    first (who, why, which signal)."""
+    other, fine_repo = repos("other"), repos("fine")
+    for args, cwd in (((), sb.repo), (("--isolation-dir", "x"), sb.repo), ((), other), ((), fine_repo)):
+        assert sb.buck(*args, "server", cwd=cwd).code == 0
+    wedged = {str(d): json.loads((d / "buckd.info").read_text())["pid"]
+              for d in (sb.dir(), sb.dir("x"), dir_of(sb, other))}
+    fine = json.loads((dir_of(sb, fine_repo) / "buckd.info").read_text())["pid"]
+    for pid in wedged.values():
+        os.kill(pid, signal.SIGSTOP)
+    start = time.monotonic()
+    r = sb.buck("status", "--all", "--json", cwd=sb.tmp)
+    took = time.monotonic() - start
+    assert r.code == 0 and took < 15, (took, r.err)
+    rows = {row["daemon_dir"]: row for row in json.loads(r.out)}
+    assert {d: row["pid"] for d, row in rows.items()} == {**wedged, str(dir_of(sb, fine_repo)): fine}
+    assert all(rows[d]["state"].startswith("not responding: DEADLINE_EXCEEDED") for d in wedged)
+    assert rows[str(dir_of(sb, fine_repo))]["state"] == "running"
+    start = time.monotonic()
+    r = sb.buck("status", "--all", cwd=sb.tmp)
+    assert r.code == 0 and time.monotonic() - start < 15
+    lines = r.out.splitlines()
+    assert all(f"{d}: not responding: DEADLINE_EXCEEDED: Deadline Exceeded (pid {pid})" in lines
+               for d, pid in wedged.items()), lines
+    assert any(line.startswith(f"{dir_of(sb, fine_repo)}: pid {fine}, ") for line in lines), lines
+    k = sb.buck("kill")
+    assert k.code == 0 and not alive(wedged[str(sb.dir())])
+    assert sb.buck("status").out.startswith(f"no buckd running\nthe last one, pid {wedged[str(sb.dir())]} "
+                                            f"ended by kill: `buck kill` was invoked by pid {k.pid} (SIG")
+
+
+def test_status_all_lists_every_buckd_of_the_user_from_anywhere(sb, repos):
+    """Claim: `status --all` (text and --json), run outside any repository, lists every buckd
+    under $HOME/.buck/buckd, across repositories and isolation dirs: running ones with pid,
+    version, uptime, running commands, idle time and why they started (--json: all status
+    fields), dead ones (buckd.info naming no lock holder) as dead; a buckd that ended cleanly
+    and a dir with no files are not listed. It starts nothing."""
+    two, dead, gone = repos("two"), repos("dead"), repos("gone")
+    assert sb.buck("status", cwd=sb.tmp).code == 1            # sb.tmp is in no repository
+    for args, cwd in (((), sb.repo), (("--isolation-dir", "x"), sb.repo), ((), two), ((), dead), ((), gone)):
+        assert sb.buck(*args, "server", cwd=cwd).code == 0
+    running = {str(sb.dir()): sb.info()["pid"], str(sb.dir("x")): sb.info("x")["pid"],
+               str(dir_of(sb, two)): json.loads((dir_of(sb, two) / "buckd.info").read_text())["pid"]}
+    dead_pid = json.loads((dir_of(sb, dead) / "buckd.info").read_text())["pid"]
+    os.kill(dead_pid, signal.SIGKILL)
+    assert sb.buck("kill", cwd=gone).code == 0
+    (sb.home / ".buck" / "buckd" / "nothing" / "here").mkdir(parents=True)
+    wait_for(lambda: not alive(dead_pid))
+    sleeper = sb.spawn("debug", "sleep", "300", cwd=two)
+    assert sleeper.stdout.readline() == b"sleeping for 300 s\n"
+    before = sorted(sb.processes())
+    try:
+        r = sb.buck("status", "--all", cwd=sb.tmp)
+        j = sb.buck("status", "--all", "--json", cwd=sb.tmp)
+    finally:
+        sleeper.kill()
+        sleeper.communicate()
+    assert r.code == j.code == 0 and r.err == j.err == ""
+    assert sorted(sb.processes()) == [p for p in before if p != sleeper.pid]
+    lines = r.out.splitlines()
+    assert len(lines) == 4 and f"{dir_of(sb, dead)}: dead (pid {dead_pid})" in lines, lines
+    import re
+    for d, pid in running.items():
+        active = 1 if d == str(dir_of(sb, two)) else 0
+        pattern = (rf"{re.escape(d)}: pid {pid}, version {version_of()}, up \d+ s, {active} running, "
+                   rf"idle \d+ s, started because: no buckd was running")
+        assert any(re.fullmatch(pattern, line) for line in lines), (pattern, lines)
+    rows = {row["daemon_dir"]: row for row in json.loads(j.out)}
+    assert set(rows) == {*running, str(dir_of(sb, dead))}
+    assert rows[str(dir_of(sb, dead))] | {"previous_end": ""} == {
+        "daemon_dir": str(dir_of(sb, dead)), "pid": dead_pid, "state": "dead", "previous_end": ""}
+    assert rows[str(dir_of(sb, dead))]["previous_end"] == f"pid {dead_pid} vanished without a word (SIGKILL, or out of memory?)"
+    fields = set(sb.status())
+    for d, pid in running.items():
+        assert set(rows[d]) == fields and rows[d]["state"] == "running" and rows[d]["pid"] == pid
+        assert rows[d]["started_because"] == "no buckd was running"
+    assert rows[str(dir_of(sb, two))]["active_commands"] == 1
+    assert guarantees_hold(sb, killed=(dead_pid,))
+
+
+def test_status_all_with_no_buckd(sb):
+    """Claim: with no buckd (none ever, or only ones that ended cleanly), `status --all`
+    says `no buckd running` (--json: []), exit 0, outside a repository, starting nothing."""
+    for _ in range(2):
+        r = sb.buck("status", "--all", cwd=sb.tmp)
+        j = sb.buck("status", "--all", "--json", cwd=sb.tmp)
+        assert (r.code, r.out, j.code, j.out) == (0, "no buckd running\n", 0, "[]\n")
+        assert not sb.processes()
+        sb.buck("server")
+        sb.buck("kill")
+
+
+def test_status_all_shows_a_buckd_not_yet_named_in_buckd_info(sb):
+    """Claim: a buckd that holds buckd.pid but has not written buckd.info yet is listed as
+    "starting, not named in buckd.info yet", with its pid (the lock holder)."""
+    launcher = sb.spawn("daemon", env={"BUCK_LIFECYCLE_STOP_AT": "daemon.locked"})
+    pid = wait_for(lambda: sb.holder(), what="buckd to lock buckd.pid")
+    wait_for(lambda: stopped(pid), what="buckd to stop at daemon.locked")
+    r = sb.buck("status", "--all", cwd=sb.tmp)
+    j = sb.buck("status", "--all", "--json", cwd=sb.tmp)
+    assert r.out == f"{sb.dir()}: starting, not named in buckd.info yet (pid {pid})\n", r.out
+    row, = json.loads(j.out)
+    assert (row["daemon_dir"], row["pid"], row["state"]) == (str(sb.dir()), pid, "starting, not named in buckd.info yet")
+    os.kill(pid, signal.SIGCONT)
+    assert finish(sb, launcher).code == 0 and sb.status()["pid"] == pid
+    assert guarantees_hold(sb)
+
+
+def test_killall_stops_every_buckd_of_the_user_from_anywhere(sb, repos):
+    """Claim: `killall`, outside any repository, stops every buckd of this user (several
+    repositories and isolation dirs), printing `buckd killed (pid N) in DIR` for each, exit
+    0; each records that killall ended it. Dead ones are skipped quietly."""
+    two, dead = repos("two"), repos("dead")
+    for args, cwd in (((), sb.repo), (("--isolation-dir", "x"), sb.repo), ((), two), ((), dead)):
+        assert sb.buck(*args, "server", cwd=cwd).code == 0
+    pids = {sb.dir(): sb.info()["pid"], sb.dir("x"): sb.info("x")["pid"],
+            dir_of(sb, two): json.loads((dir_of(sb, two) / "buckd.info").read_text())["pid"]}
+    dead_pid = json.loads((dir_of(sb, dead) / "buckd.info").read_text())["pid"]
+    os.kill(dead_pid, signal.SIGKILL)
+    wait_for(lambda: not alive(dead_pid))
+    r = sb.buck("killall", cwd=sb.tmp)
+    assert (r.code, r.err) == (0, ""), r.err
+    assert sorted(r.out.splitlines()) == sorted(f"buckd killed (pid {pid}) in {d}" for d, pid in pids.items())
+    assert not any(alive(pid) for pid in pids.values()) and not sb.processes()
+    for d, pid in pids.items():
+        assert json.loads((d / "buckd.end").read_text()) == {
+            "pid": pid, "how": "kill", "why": f"`buck killall` was invoked by pid {r.pid}"}
+    r = sb.buck("killall", cwd=sb.tmp)
+    assert (r.code, r.out, r.err) == (0, "", "")
+    assert guarantees_hold(sb, killed=(dead_pid,))
+
+
+def test_killall_spares_the_buckd_running_the_caller_and_kill_does_not(sb, repos):
+    """Claim: a `killall` run inside a buckd (as a nested client would run it: BUCKD_INSTANCE
+    naming that buckd) kills every other buckd and spares that one, exit 0; an explicit
+    `kill` with the same mark kills it."""
+    two = repos("two")
+    sb.buck("server")
+    sb.buck("server", cwd=two)
+    mine, other = sb.info(), json.loads((dir_of(sb, two) / "buckd.info").read_text())["pid"]
+    mark = {"BUCKD_INSTANCE": instance_of(mine)}
+    r = sb.buck("killall", cwd=sb.tmp, env=mark)
+    assert (r.code, r.out, r.err) == (0, f"buckd killed (pid {other}) in {dir_of(sb, two)}\n", "")
+    assert not alive(other) and alive(mine["pid"]) and sb.status()["pid"] == mine["pid"]
+    r = sb.buck("kill", env=mark)
+    assert (r.code, r.out) == (0, f"buckd killed (pid {mine['pid']})\n") and not alive(mine["pid"])
+
+
+def test_a_nested_client_never_restarts_the_buckd_running_it(sb, other_buck):
+    """Claim: a client carrying BUCKD_INSTANCE (given by hand, as a nested client would carry
+    it) that would have to restart that very buckd (another version) fails in one line and
+    the buckd lives on; a same-version nested client just uses it; a mark naming another
+    buckd instance protects nothing."""
+    sb.buck("server")
+    info = sb.info()
+    mark = {"BUCKD_INSTANCE": instance_of(info)}
+    r = sb.buck("server", script=other_buck, env=mark)
+    assert r.code == 1 and one_line_error(r) and r.err == (
+        f"buck: this command runs inside buckd (pid {info['pid']}), which it would have to restart "
+        f"(buckd version mismatch (daemon {version_of()}, client {version_of(other_buck)})): "
+        f"refusing to kill the buckd that runs it\n")
+    assert alive(info["pid"]) and sb.one_daemon() == info["pid"] and sb.info() == info
+    r = sb.buck("server", "--json", env=mark)
+    assert r.code == 0 and r.err == "" and json.loads(r.out)["pid"] == info["pid"]
+    (sb.repo / "f").write_text("x")
+    assert sb.buck("hash", "f", env=mark).code == 0
+    stale = {"BUCKD_INSTANCE": f"{info['pid']}@{info['start_time'] + 1!r}"}   # an earlier buckd's
+    r = sb.buck("server", "--json", script=other_buck, env=stale)
+    assert r.code == 0 and json.loads(r.out)["pid"] != info["pid"] and not alive(info["pid"])
+    assert guarantees_hold(sb)
+
+
+def test_a_real_nested_client_spares_its_buckd(sb, repos, spawning_buck):
+    """Claim, with a real nested client (run by a command in buckd, inheriting its mark):
+    another version's client refuses to restart that buckd, one line, and it lives on;
+    a same-version one uses it; `killall` kills every buckd but that one."""
+    two = repos("two")
+    sb.buck("server", script=spawning_buck)
+    sb.buck("server", cwd=two)
+    info, other = sb.info(), json.loads((dir_of(sb, two) / "buckd.info").read_text())["pid"]
+    r = sb.buck("debug", "run", "--", PY, BUCK, "server", script=spawning_buck)
+    assert r.code == 1 and one_line_error(r), r.err
+    assert r.err.endswith(f"(pid {info['pid']}), which it would have to restart (buckd version mismatch "
+                          f"(daemon {version_of(spawning_buck)}, client {version_of()})): "
+                          f"refusing to kill the buckd that runs it\n"), r.err
+    assert alive(info["pid"]) and sb.info() == info
+    r = sb.buck("debug", "run", "--", PY, spawning_buck, "server", "--json", script=spawning_buck)
+    assert r.code == 0 and json.loads(r.out)["pid"] == info["pid"], r.err
+    r = sb.buck("debug", "run", "--", PY, spawning_buck, "killall", script=spawning_buck)
+    assert (r.code, r.out) == (0, f"buckd killed (pid {other}) in {dir_of(sb, two)}\n"), r.err
+    assert not alive(other) and alive(info["pid"]) and sb.info() == info
+    assert guarantees_hold(sb)
+
+
+def test_buckd_is_named_after_its_repository_in_ps(sb, repos):
+    """Claim: buckd's process name (/proc/PID/comm, what `ps`, `top` and `pgrep` show) is
+    `buckd[<repository dir name>]`, cut to 15 bytes."""
+    long = repos("a-very-long-repository-name")
+    sb.buck("server")
+    sb.buck("server", cwd=long)
+    pids = [sb.info()["pid"], json.loads((dir_of(sb, long) / "buckd.info").read_text())["pid"]]
+    comms = [Path(f"/proc/{pid}/comm").read_bytes() for pid in pids]
+    assert comms == [b"buckd[repo]\n", b"buckd[a-very-lo\n"]
+    if shutil.which("pgrep"):
+        found = subprocess.run(["pgrep", "buckd"], capture_output=True, text=True).stdout.split()
+        assert {str(pid) for pid in pids} <= set(found), found
+
+
+@pytest.mark.parametrize("change", ["repository removed", ".buckconfig removed", "repository renamed"])
+def test_buckd_exits_when_its_repository_is_gone(sb, repos, change):
+    """Claim: at its periodic self-check buckd exits when its repository root or the root's
+    .buckconfig is gone, recording `repository gone`; it removes its buckd.info, so
+    `status --all` no longer lists it. A buckd of another repository lives on."""
+    doomed = repos("doomed")
+    sb.buck("server")
+    sb.buck("server", cwd=doomed)
+    d = dir_of(sb, doomed)
+    pid, survivor = json.loads((d / "buckd.info").read_text())["pid"], sb.info()["pid"]
+    if change == "repository removed":
+        shutil.rmtree(doomed)
+    elif change == ".buckconfig removed":
+        (doomed / ".buckconfig").unlink()
+    else:
+        doomed.rename(sb.tmp / "moved")
+    wait_for(lambda: not alive(pid), timeout=10, what="buckd to notice its repository is gone")
+    record = json.loads((d / "buckd.end").read_text())
+    assert (record["pid"], record["how"]) == (pid, "repository gone")
+    assert str(doomed) in record["why"] and ".buckconfig" in record["why"], record
+    assert not (d / "buckd.info").exists()
+    shutdown = [l for l in sb.lines() if l["pid"] == pid and l["step"] == "daemon.shutdown"]
+    assert [l["path"] for l in shutdown] == ["repository gone"]
+    r = sb.buck("status", "--all", "--json", cwd=sb.tmp)
+    assert [row["pid"] for row in json.loads(r.out)] == [survivor] and alive(survivor)
+    assert guarantees_hold(sb)
