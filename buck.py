@@ -23,7 +23,7 @@ TOKEN_KEY = f"{DAEMON}-token"           # buckd-token: the gRPC metadata with bu
 # The environment: BUCKD_... is what buckd alone reads or sets, BUCK_... what every process reads.
 CHECK_INTERVAL_ENV = f"{DAEMON.upper()}_CHECK_INTERVAL"    # BUCKD_CHECK_INTERVAL
 IDLE_TIMEOUT_ENV = f"{DAEMON.upper()}_IDLE_TIMEOUT"        # BUCKD_IDLE_TIMEOUT
-STARTED_ENV = f"{DAEMON.upper()}_STARTED_BECAUSE"          # why a client starts buckd, and who
+STARTED_ENV = f"{DAEMON.upper()}_STARTED_BECAUSE"          # why a client starts buckd, by whom
 INSTANCE_ENV = f"{DAEMON.upper()}_INSTANCE"                # buckd marks the processes it runs
 LOG_ENV = f"{TOOL.upper()}_LIFECYCLE_LOG"                  # BUCK_LIFECYCLE_LOG
 STOP_AT_ENV = f"{TOOL.upper()}_LIFECYCLE_STOP_AT"          # BUCK_LIFECYCLE_STOP_AT
@@ -45,7 +45,7 @@ ATTEMPTS = 4            # restarts and resends before we give up on a fight over
 TAIL_LINES = 20         # of a dead buckd's stderr, quoted in the report
 CHECK_INTERVAL = 100.0  # buckd's self-check: "every 100s or so" (BUCKD_CHECK_INTERVAL)
 IDLE_TIMEOUT = 3 * 3600.0   # as Bazel's --max_idle_secs (BUCKD_IDLE_TIMEOUT; 0: never)
-MIN_IDLE = 1.0          # a shorter idle timeout would end buckd before its client connects
+MIN_IDLE = 1.0          # a shorter idle timeout ends buckd before its client can use it
 MAX_SECONDS = 1e7       # the longest duration we accept (115 days)
 
 HERE = os.path.dirname(os.path.realpath(__file__))
@@ -156,12 +156,9 @@ def daemon_settings():
     def setting(name, default, low):
         text = os.environ.get(name)
         return default if text is None else seconds(text, name, low, MAX_SECONDS)
-    interval = setting(CHECK_INTERVAL_ENV, CHECK_INTERVAL, 0.01)
-    idle = setting(IDLE_TIMEOUT_ENV, IDLE_TIMEOUT, 0)
-    if 0 < idle < MIN_IDLE:
-        raise Fail(f"{IDLE_TIMEOUT_ENV} must be 0 (never) or at least {MIN_IDLE:g} s: a shorter "
-                   f"one ends {DAEMON} before its client can use it", EXIT_USAGE)
-    return interval, idle or None
+    never = os.environ.get(IDLE_TIMEOUT_ENV) == "0"
+    idle = None if never else setting(IDLE_TIMEOUT_ENV, IDLE_TIMEOUT, MIN_IDLE)    # (0: never)
+    return setting(CHECK_INTERVAL_ENV, CHECK_INTERVAL, 0.01), idle
 
 
 # --- "There's a small set of commands/arguments that don't require the daemon (`buck help`, ...)"
@@ -228,7 +225,6 @@ def parse(argv):
 
 
 def parse_words(name, argv):
-    """A command's words -> (operands, options)."""
     words, operands, options, takes = iter(argv), [], {}, options_of(name)
     for word in words:
         key, has_value, value = word.partition("=")
@@ -348,7 +344,6 @@ def step(name, /, **fields):
 # --- "a directory in $HOME/.buck specific to that repository+output directory"
 
 def daemons_home():
-    """$HOME/.buck/buckd: every daemon dir of this user is below it."""
     home = os.environ.get("HOME")
     if not home:
         raise Fail(f"HOME is not set: {DAEMON} keeps its files in $HOME/{STATE_DIR}")
@@ -408,30 +403,24 @@ def instance(info):
     return f"{info['pid']}@{info.get('start_time')!r}"
 
 
-def lock_holder(fd):
-    """The pid holding a write lock on fd's file, or None. It asks; it takes nothing."""
+def holder(d):
+    """The running buckd's pid: who holds buckd.pid's lock, as the kernel says (F_GETLK, which
+    asks and takes nothing); or None. (0: a holder in another pid namespace.)"""
     import fcntl
     import struct
     linux = sys.platform.startswith("linux")    # struct flock's layout differs on macOS, BSD
     layout = "hhqqi" if linux else "qqihh"
     query = (fcntl.F_WRLCK, 0, 0, 0, 0) if linux else (0, 0, 0, fcntl.F_WRLCK, 0)
-    answer = struct.unpack(layout, fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(layout, *query)))
-    kind, pid = (answer[0], answer[4]) if linux else (answer[3], answer[2])
-    return None if kind == fcntl.F_UNLCK else pid
-
-
-def holder(d):
-    """The running buckd's pid, as the kernel knows who holds buckd.pid's lock; or None."""
     try:
         fd = open_file(os.path.join(d, PID_FILE))
-    except OSError:
+        try:
+            answer = struct.unpack(layout, fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(layout, *query)))
+        finally:
+            os.close(fd)
+    except OSError:                 # no file, or none one can lock (a FIFO): no buckd holds it
         return None
-    try:
-        return lock_holder(fd)
-    except OSError:                 # not a file one can lock (a FIFO): no buckd holds it
-        return None
-    finally:
-        os.close(fd)
+    kind, pid = (answer[0], answer[4]) if linux else (answer[3], answer[2])
+    return None if kind == fcntl.F_UNLCK else pid
 
 
 # --- "client connection and buckd startup"
@@ -466,7 +455,6 @@ class Connection:
         self.metadata = ((TOKEN_KEY, info["auth_token"]),)
 
     def status(self, timeout=STATUS_TIMEOUT):
-        """The Status call, under way: .result() is the reply, or raises its grpc.RpcError."""
         return self.stub.Status.future(pb.StatusRequest(), timeout=timeout, metadata=self.metadata)
 
     def kill(self, reason):
@@ -591,8 +579,7 @@ def crash_log(d, pid):
 
 def how_it_ended(d):
     """How d's last buckd ended (its END_FILE, in d or prev/), in words; or None."""
-    for where in (d, os.path.join(d, PREV_DIR)):
-        end = end_record(where)
+    for end in (end_record(d), end_record(os.path.join(d, PREV_DIR))):
         if end.get("how"):
             return f"pid {end['pid']} ended by {end['how']}: {end['why']}"
         if end:
@@ -690,9 +677,8 @@ def signal_buckd(d, pid, sig, reason):
 
 def start_daemon(d, isolation, why):
     """Steps 4-5: run `buck daemon`, which exits once buckd serves; why goes in its env."""
-    import json
     import subprocess
-    told = json.dumps({"why": why[1], "by": f"pid {os.getpid()}: {command_line()}"})
+    told = f"{why[1]} (by pid {os.getpid()}: {command_line()})"
     argv = [sys.executable, os.path.realpath(__file__), "--isolation-dir", isolation, "daemon"]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env={**os.environ, STARTED_ENV: told})
@@ -743,7 +729,6 @@ def cmd_killall(isolation, options):
 
 
 def cmd_server(isolation, options):
-    """Make sure a buckd of this client's version runs, then report it."""
     return print_status([status_fields(connect(daemon_dir(isolation), isolation)[1])], options)
 
 
@@ -778,7 +763,6 @@ def status_row(d, pid, info, call, patience):
 
 
 def status_fields(reply):
-    """A Status reply as a dict: its fields, and the workload's figures among them."""
     fields = {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields if f.name != "figures"}
     return {"state": "running", **fields, **dict(reply.figures)}
 

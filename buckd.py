@@ -3,7 +3,6 @@ order: `buck daemon` daemonizes (main); buckd locks buckd.pid, redirects its out
 DaemonApi, writes buckd.info (run), until one of the ways to shut down (serve)."""
 import fcntl
 import hmac
-import json
 import os
 import select
 import signal
@@ -29,7 +28,7 @@ ours = {}               # "dir" and "pid_fd" once buckd.pid is locked
 def main(d, root):
     """`buck daemon`: start buckd; 0 once it serves, 3 if one runs, 2 bad setting, else 1."""
     interval, idle = buck.daemon_settings()
-    why, by = started_because()
+    why = os.environ.pop(buck.STARTED_ENV, f"started by hand (`{TOOL} daemon`, by pid {os.getppid()})")
     buck.trace["role"] = "daemon"
     buck.make_private_dirs(d)
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # a Ctrl-C meant for our client must not
@@ -47,18 +46,9 @@ def main(d, root):
     os.close(read_end)
     daemonize(f"{DAEMON}[{os.path.basename(root)}]")
     try:
-        os._exit(run(d, root, interval, idle, why, by, ready=write_end))
+        os._exit(run(d, root, interval, idle, why, ready=write_end))
     except BaseException as e:
         panic(e)
-
-
-def started_because():
-    """(why, by whom) this buckd starts, from STARTED_ENV, which we remove: argv is public."""
-    try:
-        told = json.loads(os.environ.pop(buck.STARTED_ENV))
-        return str(told["why"]), str(told["by"])
-    except (KeyError, ValueError, TypeError, RecursionError):
-        return f"started by hand (`{TOOL} daemon`)", f"pid {os.getppid()}"
 
 
 def daemonize(name):
@@ -75,15 +65,15 @@ def daemonize(name):
         pass
 
 
-def run(d, root, interval, idle, why, by, ready):
+def run(d, root, interval, idle, why, ready):
     """buckd from start to exit, as "daemon process flow" tells it."""
     wake = watch_signals()
     try:
         pid_fd = lock_pid_file(d)               # "write its pid to a locked file buckd.pid"
         step("daemon.locked")
         redirect_stdio(d)                       # "It redirects its stdout and stderr to files"
-        previous = log_start(d, why, by)
-        server, api = start_server(d, wake[1], why, by, previous)  # "starts up the DaemonApi"
+        previous = log_start(d, why)
+        server, api = start_server(d, wake[1], why, previous)   # "starts up the DaemonApi"
         info_id = write_info(d, api)            # "write the port ... to the buckd.info file"
     except (AlreadyRunning, OSError) as e:
         return startup_failed(ready, e)
@@ -140,7 +130,7 @@ def lock_pid_file(d):
             raise OSError(0, "not a regular file", os.path.join(d, PID_FILE))
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        pid = buck.lock_holder(fd) if isinstance(e, (BlockingIOError, PermissionError)) else None
+        pid = buck.holder(d) if isinstance(e, (BlockingIOError, PermissionError)) else None
         os.close(fd)                # we hold no lock on it: closing it drops nothing
         if pid is None:
             raise
@@ -164,11 +154,11 @@ def redirect_stdio(d):
     sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # (or None)
 
 
-def log_start(d, why, by):
+def log_start(d, why):
     """Log (first line: our pid) and record in END_FILE that we run; return how the last ended."""
     previous = buck.how_it_ended(d) or "none known"
     log(f"{DAEMON} pid {os.getpid()} version {buck.version()} starting in {d}")
-    log(f"started because: {why} (by {by}); the previous {DAEMON}: {previous}")
+    log(f"started because: {why}; the previous {DAEMON}: {previous}")
     buck.write_json(os.path.join(d, buck.END_FILE), {"pid": os.getpid()})
     return previous
 
@@ -280,13 +270,13 @@ def panics(method):
     return guarded
 
 
-def start_server(d, wake, why, by, previous):
+def start_server(d, wake, why, previous):
     """The DaemonApi on 127.0.0.1: a thread per command (MAX_COMMANDS), and spares."""
     global grpc, pb, workload
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     grpc, pb, pb_grpc = buck.load_grpc()
     workload = __import__(buck.WORKLOAD)
-    api = DaemonApi(d, wake, why, by, previous)
+    api = DaemonApi(d, wake, why, previous)
     mark = buck.instance({"pid": os.getpid(), "start_time": api.start_time})
     os.environ[buck.INSTANCE_ENV] = mark        # before any thread: what our commands start inherit
     server = grpc.server(ThreadPoolExecutor(MAX_COMMANDS + SPARE_THREADS),
@@ -312,9 +302,9 @@ def require_token(token):
 class DaemonApi:
     """The servicer. `lock` guards `active` and `reason`; it is never taken in a signal handler."""
 
-    def __init__(self, d, wake, why, by, previous):
+    def __init__(self, d, wake, why, previous):
         self.dir, self.version, self.wake, self.port = d, buck.version(), wake, 0
-        self.why, self.by, self.previous = map(buck.shown, (why, by, previous))     # valid UTF-8
+        self.why, self.previous = buck.shown(why), buck.shown(previous)     # valid UTF-8
         self.token = os.urandom(16).hex()
         self.start_time, self.last_used = time.time(), time.monotonic()  # last: for idleness
         self.lock = threading.Lock()
@@ -328,7 +318,7 @@ class DaemonApi:
             pid=os.getpid(), port=self.port, version=self.version, daemon_dir=buck.shown(self.dir),
             start_time=self.start_time, uptime_s=time.time() - self.start_time,
             active_commands=len(self.active), idle_s=idle, started_because=self.why,
-            started_by=self.by, previous_end=self.previous, figures=workload.status())
+            previous_end=self.previous, figures=workload.status())
 
     # Shutdown path 1: "The grpc api includes a `kill()` call that will shutdown buckd."
     @panics
