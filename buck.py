@@ -52,7 +52,6 @@ HERE = os.path.dirname(os.path.realpath(__file__))
 grpc = pb = pb_grpc = None      # imported by load_grpc(), by the commands that talk to buckd
 _version = None
 own_pid_file = None             # in buckd: the stat of the buckd.pid whose lock it holds
-kept_fds = []                   # in buckd: fds of that file, opened by a race, never closed
 
 
 class Fail(Exception):
@@ -68,11 +67,10 @@ def say(message):
 
 
 def to_stderr(data):
-    """Write to stderr; if it is closed or full, nothing: there is no one to tell."""
     try:
         os.write(2, data)
     except OSError:
-        pass
+        pass                        # closed or full: there is no one to tell
 
 
 def out(data):
@@ -107,8 +105,7 @@ def open_file(path, flags=os.O_RDONLY):
         raise refusal
     fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o600)
     if own_pid_file and os.path.samestat(os.fstat(fd), own_pid_file):
-        kept_fds.append(fd)
-        raise refusal
+        raise refusal               # (opened by a race: fd stays open, as closing it drops the lock)
     return fd
 
 
@@ -135,7 +132,6 @@ def write_json(path, value):
 
 
 def poll(condition, timeout, interval=POLL_INTERVAL):
-    """Wait until condition() is true; False if it still is not after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -152,7 +148,6 @@ def seconds(text, name, low, high):
 
 
 def daemon_settings():
-    """buckd's (check interval, idle timeout or None) from the environment, checked."""
     def setting(name, default, low):
         text = os.environ.get(name)
         return default if text is None else seconds(text, name, low, MAX_SECONDS)
@@ -176,7 +171,6 @@ USAGE_LINE = f"{TOOL} [--isolation-dir NAME] COMMAND ..."
 
 
 def commands():
-    """Every command: ours, then the workload's. (Its usage is its parser.)"""
     try:
         workload = __import__(WORKLOAD)
     except ImportError as e:
@@ -277,16 +271,14 @@ def usage():
 def main(argv):
     """`buck ARGV`: returns the exit code. Every failure is one line on stderr."""
     standard_fds()
+    os.umask(0o077)                 # what we create under $HOME, dirs too, is the user's alone
     try:
         if not argv:
             to_stderr(usage().encode())
             return EXIT_USAGE
-        if argv[0] in ("help", "-h", "--help"):
-            out(usage())
-            return 0
-        isolation, name, operands, options = parse(argv)
-        if name == "version":
-            out(f"{TOOL} {version()}\n")
+        isolation, name, operands, options = parse(["help"] if argv[0] in ("-h", "--help") else argv)
+        if name in ("help", "version"):
+            out(usage() if name == "help" else f"{TOOL} {version()}\n")
             return 0
         if name == "daemon":
             import buckd
@@ -351,7 +343,6 @@ def daemons_home():
 
 
 def repository_root():
-    """The nearest ancestor of the cwd (itself included) that holds MARKER."""
     cwd = root = os.getcwd()
     while not os.path.isfile(os.path.join(root, MARKER)):
         if root == os.path.dirname(root):
@@ -367,17 +358,7 @@ def daemon_dir(isolation):
 
 
 def all_daemon_dirs():
-    """Every daemon dir of this user: a dir under daemons_home() with buckd.pid or buckd.info."""
     return sorted(top for top, _, names in os.walk(daemons_home()) if {PID_FILE, INFO_FILE} & set(names))
-
-
-def make_private_dirs(d):
-    """Create d and its missing parents, each 0700: no other user may list them."""
-    old = os.umask(0o077)
-    try:
-        os.makedirs(d, exist_ok=True)
-    finally:
-        os.umask(old)
 
 
 def read_info(d):
@@ -448,7 +429,6 @@ class Connection:
 
     def __init__(self, info):
         load_grpc()
-        self.pid = info["pid"]
         no_proxy = [("grpc.enable_http_proxy", 0)]
         channel = grpc.insecure_channel(f"127.0.0.1:{info['port']}", options=no_proxy)
         self.stub = pb_grpc.DaemonApiStub(channel)
@@ -560,7 +540,7 @@ def may_restart(seen, why):
 
 def keep_logs(d):
     """Move buckd.stdout, .stderr and .end into prev/, where they outlive the next start."""
-    make_private_dirs(os.path.join(d, PREV_DIR))
+    os.makedirs(os.path.join(d, PREV_DIR), exist_ok=True)
     for name in (STDOUT_FILE, STDERR_FILE, END_FILE):
         try:
             os.replace(os.path.join(d, name), os.path.join(d, PREV_DIR, name))
@@ -612,7 +592,7 @@ class lifecycle_lock:
         self.d = d
 
     def __enter__(self):
-        make_private_dirs(self.d)
+        os.makedirs(self.d, exist_ok=True)
         self.fd = open_file(os.path.join(self.d, LOCK_FILE), os.O_RDWR | os.O_CREAT)
         if not poll(self.take, LOCK_PATIENCE):
             whom = shown(os.pread(self.fd, 200, 0).decode(errors="replace").strip())
@@ -640,7 +620,6 @@ class lifecycle_lock:
 
 
 def command_line():
-    """This client's command line as messages show it (by TOOL's name, not its script's)."""
     return shown(" ".join([TOOL, *sys.argv[1:]]))
 
 
@@ -743,7 +722,6 @@ def cmd_status(isolation, options):
 
 
 def ask_status(d):
-    """(who holds d's buckd.pid, d's buckd.info, a Status call under way if that names it)."""
     pid, info = holder(d), read_info(d)
     return pid, info, Connection(info).status() if info and info["pid"] == pid else None
 
@@ -782,7 +760,6 @@ def print_status(rows, options, every=False):
 
 
 def status_line(row):
-    """One line of `status --all`."""
     if row["state"] != "running":
         return f"{shown(row['daemon_dir'])}: {row['state']} (pid {row['pid']})"
     return (f"{shown(row['daemon_dir'])}: pid {row['pid']}, version {row['version']}, "
@@ -799,7 +776,7 @@ def run_command(d, isolation, name, operands, options):
     request = pb.CommandRequest(name=name, args=[os.fsencode(a) for a in operands],
                                 options=options, cwd=os.fsencode(os.getcwd()))
     for _ in range(ATTEMPTS):
-        conn, _ = connect(d, isolation)
+        conn, reply = connect(d, isolation)
         accepted, events = threading.Event(), queue.Queue()
         stream = conn.stub.Command(handshake(request, accepted), metadata=conn.metadata)
         threading.Thread(target=read_stream, args=(stream, events), daemon=True).start()
@@ -815,7 +792,7 @@ def run_command(d, isolation, name, operands, options):
             raise Fail(f"{DAEMON} refused the command: {event.details()}", refusals[event.code()])
     else:
         raise Fail(f"{DAEMON} did not accept the command")
-    step("command", daemon_pid=conn.pid, name=name)
+    step("command", daemon_pid=reply.pid, name=name)
     while isinstance(event := events.get(), pb.CommandEvent):
         kind = event.WhichOneof("event")
         if kind == "stdout":
@@ -828,8 +805,8 @@ def run_command(d, isolation, name, operands, options):
             raise Fail(f"{DAEMON} shut down during the command: {event.shutdown}")
     if event is None:
         raise Fail(f"{DAEMON} ended the command without an exit code")
-    raise Fail(f"lost {DAEMON} (pid {conn.pid}) during the command ({rpc_error(event)}); "
-               f"it crashed or was killed, see {crash_log(d, conn.pid)}")
+    raise Fail(f"lost {DAEMON} (pid {reply.pid}) during the command ({rpc_error(event)}); "
+               f"it crashed or was killed, see {crash_log(d, reply.pid)}")
 
 
 def read_stream(stream, events):

@@ -30,7 +30,7 @@ def main(d, root):
     interval, idle = buck.daemon_settings()
     why = os.environ.pop(buck.STARTED_ENV, f"started by hand (`{TOOL} daemon`, by pid {os.getppid()})")
     buck.trace["role"] = "daemon"
-    buck.make_private_dirs(d)
+    os.makedirs(d, exist_ok=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # a Ctrl-C meant for our client must not
     read_end, write_end = os.pipe()                 # stop the buckd it starts
     child = os.fork()
@@ -75,8 +75,8 @@ def run(d, root, interval, idle, why, ready):
         previous = log_start(d, why)
         server, api = start_server(d, wake[1], why, previous)   # "starts up the DaemonApi"
         info_id = write_info(d, api)            # "write the port ... to the buckd.info file"
-    except (AlreadyRunning, OSError) as e:
-        return startup_failed(ready, e)
+    except OSError as e:
+        return startup_failed(d, ready, e)
     step("daemon.serving", port=api.port)
     log(f"serving on 127.0.0.1:{api.port}")
     tell(ready, 0, "")                          # "Once that is done, the server is ready"
@@ -92,10 +92,13 @@ def run(d, root, interval, idle, why, ready):
     return 0
 
 
-def startup_failed(ready, e):
-    """Tell `buck daemon` why buckd cannot start (exit 3: another one holds buckd.pid)."""
-    if isinstance(e, AlreadyRunning):
-        return tell(ready, buck.EXIT_ALREADY_RUNNING, str(e))
+def startup_failed(d, ready, e):
+    """Tell `buck daemon` why buckd cannot start: exit 3 if another buckd holds buckd.pid
+    ("only a single daemon is allowed at a time")."""
+    pid = None if ours else buck.holder(d)
+    if pid is not None:
+        return tell(ready, buck.EXIT_ALREADY_RUNNING,
+                    f"{DAEMON} is already running for {buck.shown(d)} (pid {pid})")
     if ours:                                    # (we hold buckd.pid, and may have a log)
         log(f"cannot start: {e}")
         step("daemon.shutdown", reason=str(e), path="startup")
@@ -115,10 +118,6 @@ def watch_signals():
     return wake
 
 
-class AlreadyRunning(Exception):
-    """Another buckd holds buckd.pid: "only a single daemon is allowed at a time"."""
-
-
 # "write its pid to a locked file "buckd.pid" ... locked exclusively by the daemon process
 # until it exits". A POSIX record lock, so that clients can ask the kernel who holds it
 # (buck.holder); it drops when we close *any* fd of the file: buck.open_file refuses it.
@@ -129,12 +128,9 @@ def lock_pid_file(d):
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(0, "not a regular file", os.path.join(d, PID_FILE))
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        pid = buck.holder(d) if isinstance(e, (BlockingIOError, PermissionError)) else None
+    except OSError:
         os.close(fd)                # we hold no lock on it: closing it drops nothing
-        if pid is None:
-            raise
-        raise AlreadyRunning(f"{DAEMON} is already running for {buck.shown(d)} (pid {pid})")
+        raise
     ours.update(dir=d, pid_fd=fd)
     buck.own_pid_file = os.fstat(fd)
     os.ftruncate(fd, 0)
@@ -174,7 +170,6 @@ def tell(ready, code, message):
 
 
 def write_info(d, api):
-    """Write buckd.info at once, never seen half-written; return its file_id."""
     info = {"pid": os.getpid(), "port": api.port, "version": api.version,
             "auth_token": api.token, "start_time": api.start_time}
     buck.write_json(os.path.join(d, INFO_FILE), info)
@@ -236,11 +231,9 @@ def serve(api, d, root, pid_fd, info_id, wake, interval, idle):
 # "buckd.info" files to ensure that they still match that buckd process."
 def check_files_still_ours(d, pid_fd, info_id):
     """Why buckd must exit, or None while buckd.pid and buckd.info name it (opening neither)."""
-    try:
-        ours_now, there = os.fstat(pid_fd), os.stat(os.path.join(d, PID_FILE))
-    except OSError:
+    if not os.path.exists(os.path.join(d, PID_FILE)):
         return f"{PID_FILE} was removed"
-    if not os.path.samestat(ours_now, there):
+    if not still_ours():
         return f"{PID_FILE} was replaced"
     if os.pread(pid_fd, 64, 0) != f"{os.getpid()}\n".encode():
         return f"{PID_FILE} names another process"
