@@ -578,9 +578,8 @@ def end_record(where):
 
 
 def record_end(d, pid, how, why):
-    """Write how buckd `pid` ended, unless written already (a killer writes first)."""
-    if end_record(d).get("pid") != pid or not end_record(d).get("how"):
-        write_json(os.path.join(d, END_FILE), {"pid": pid, "how": how, "why": why})
+    """Write in END_FILE how buckd `pid` ended (a signal does not say who sent it, and why)."""
+    write_json(os.path.join(d, END_FILE), {"pid": pid, "how": how, "why": why})
 
 
 # "When the client is killing or starting the buckd process, it will grab an exclusive lock
@@ -640,6 +639,11 @@ def kill_daemon(d, reason):
         signal_buckd(d, pid, signal.SIGKILL, reason)
         if not poll(gone, EXIT_TIMEOUT):
             raise Fail(f"could not kill {DAEMON} (pid {pid})")
+        try:
+            if read_info(d)["pid"] == pid:      # it could not remove its buckd.info: we do
+                os.unlink(os.path.join(d, INFO_FILE))
+        except (TypeError, OSError):            # (none, or just removed)
+            pass
     step("restart.3", daemon_pid=pid, how=how)
     return pid
 

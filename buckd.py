@@ -192,9 +192,10 @@ def still_ours(name=None, name_id=None):
 
 
 def record_end(how, reason):
-    """Record in END_FILE how we end, unless the dir is gone or a newer buckd's."""
+    """Record in END_FILE how we end, unless a client that signalled us did (the dir is gone,
+    or a newer buckd's: nothing)."""
     try:
-        if ours and still_ours():
+        if ours and still_ours() and not buck.end_record(ours["dir"]).get("how"):
             buck.record_end(ours["dir"], os.getpid(), how, reason)
     except OSError:
         pass

@@ -2588,8 +2588,11 @@ def test_wedged_buckds_are_listed_and_their_killer_leaves_the_record(sb, repos):
     assert any(line.startswith(f"{dir_of(sb, fine_repo)}: pid {fine}, ") for line in lines), lines
     k = sb.buck("kill")
     assert k.code == 0 and not alive(wedged[str(sb.dir())])
-    assert sb.buck("status").out.startswith(f"no buckd running\nthe last one, pid {wedged[str(sb.dir())]} "
-                                            f"ended by kill: `buck kill` was invoked by pid {k.pid} (SIG")
+    assert sb.buck("status").out == (f"no buckd running\nthe last one, pid {wedged[str(sb.dir())]} "
+                                     f"ended by kill: `buck kill` was invoked by pid {k.pid} (SIGKILL)\n")
+    assert not (sb.dir() / "buckd.info").exists()       # the killer removed it: no "crash" next
+    r = sb.buck("server")
+    assert r.code == 0 and "crashed" not in r.err and "ended by kill" in r.err, r.err
 
 
 def test_status_all_lists_every_buckd_of_the_user_from_anywhere(sb, repos):
