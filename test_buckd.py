@@ -2798,3 +2798,26 @@ def test_buckd_exits_when_its_repository_is_gone(sb, repos, change):
     r = sb.buck("status", "--all", "--json", cwd=sb.tmp)
     assert [row["pid"] for row in json.loads(r.out)] == [survivor] and alive(survivor)
     assert guarantees_hold(sb)
+
+
+# --- The README's doc -> code -> test table points at things that exist
+
+def test_the_readmes_table_names_real_code_and_real_tests():
+    """A reader holding the doc finds each paragraph in the code through the README's table:
+    every function it names exists in buck.py, buckd.py or workload.py, and every test it
+    names is in this file (a rename that forgets the README fails here)."""
+    import re
+    import buck
+    import buckd
+    import workload
+    readme = (HERE / "README.md").read_text()
+    table = readme[readme.index("| doc section |"):readme.index("## Adding a command")]
+    modules = {"buck": buck, "buckd": buckd, "workload": workload, "DaemonApi": buckd.DaemonApi}
+    names = re.findall(r"`(buck|buckd|workload|DaemonApi)\.(\w+)`", table)
+    assert len(names) > 30, names
+    files = {"pid", "info", "stdout", "stderr", "end", "py", "proto"}     # buckd.info is a file
+    missing = [f"{m}.{n}" for m, n in names if n not in files and not hasattr(modules[m], n)]
+    tests = set(re.findall(r"^def (test_\w+)", (HERE / "test_buckd.py").read_text(), re.M))
+    named = re.findall(r"`(test_\w+)(\*?)`", table)
+    missing += [t for t, star in named if not (any(x.startswith(t) for x in tests) if star else t in tests)]
+    assert not missing, f"README.md names what does not exist: {missing}"
