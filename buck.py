@@ -3,9 +3,7 @@
 https://github.com/facebook/buck2/blob/main/app/buck2_daemon/daemon_lifecycle.md
 buckd.py holds "daemon process flow"; workload.py the commands buckd runs. Slow imports (json,
 grpc) wait until needed."""
-import os
-import sys
-import time
+import os, sys, time
 
 # --- What a vendoring user changes (README, "Vendoring"): renaming TOOL, DAEMON renames the rest.
 TOOL, DAEMON = "buck", "buckd"          # the command and its daemon, in messages and usage
@@ -40,9 +38,7 @@ EXIT_TIMEOUT = 5.0      # for buckd to exit once asked (then SIGKILL), and again
 START_TIMEOUT = 30.0    # for `buck daemon` to report that buckd serves
 LOCK_TIMEOUT = 60.0     # for another client to finish starting or killing buckd
 LOCK_PATIENCE = 1.0     # after this long waiting for lifecycle.lock, say for whom
-POLL_INTERVAL = 0.005   # between two looks at a condition we wait for
 ATTEMPTS = 4            # restarts and resends before we give up on a fight over buckd
-TAIL_LINES = 20         # of a dead buckd's stderr, quoted in the report
 CHECK_INTERVAL = 100.0  # buckd's self-check: "every 100s or so" (BUCKD_CHECK_INTERVAL)
 IDLE_TIMEOUT = 3 * 3600.0   # as Bazel's --max_idle_secs (BUCKD_IDLE_TIMEOUT; 0: never)
 MIN_IDLE = 1.0          # a shorter idle timeout ends buckd before its client can use it
@@ -91,11 +87,10 @@ def shown(name):
 
 def standard_fds():
     """Make fds 0-2 valid before we open anything: a closed one gets /dev/null, read-only."""
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            os.dup2(os.open(os.devnull, os.O_RDONLY), fd)    # the lowest free fd: this one
+    fd = os.open(os.devnull, os.O_RDONLY)   # the lowest free fd: 0, 1 or 2, if one is closed
+    while fd < 3:
+        fd = os.open(os.devnull, os.O_RDONLY)
+    os.close(fd)
 
 
 def open_file(path, flags=os.O_RDONLY):
@@ -105,7 +100,7 @@ def open_file(path, flags=os.O_RDONLY):
         raise refusal
     fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o600)
     if own_pid_file and os.path.samestat(os.fstat(fd), own_pid_file):
-        raise refusal               # (opened by a race: fd stays open, as closing it drops the lock)
+        raise refusal               # (a race opened it: it stays open, as closing drops the lock)
     return fd
 
 
@@ -131,7 +126,7 @@ def write_json(path, value):
     os.replace(tmp, path)
 
 
-def poll(condition, timeout, interval=POLL_INTERVAL):
+def poll(condition, timeout, interval=0.005):
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -149,8 +144,7 @@ def seconds(text, name, low, high):
 
 def daemon_settings():
     def setting(name, default, low):
-        text = os.environ.get(name)
-        return default if text is None else seconds(text, name, low, MAX_SECONDS)
+        return seconds(os.environ.get(name, str(default)), name, low, MAX_SECONDS)
     never = os.environ.get(IDLE_TIMEOUT_ENV) == "0"
     idle = None if never else setting(IDLE_TIMEOUT_ENV, IDLE_TIMEOUT, MIN_IDLE)    # (0: never)
     return setting(CHECK_INTERVAL_ENV, CHECK_INTERVAL, 0.01), idle
@@ -174,7 +168,7 @@ def commands():
     try:
         workload = __import__(WORKLOAD)
     except ImportError as e:
-        raise Fail(f"{e}: {WORKLOAD}.py, the commands {DAEMON} runs, belongs beside {shown(__file__)}")
+        raise Fail(f"{e}: {WORKLOAD}.py, the commands {DAEMON} runs, goes beside {shown(HERE)}")
     return {**COMMANDS, **{name: entry[:2] for name, entry in workload.COMMANDS.items()}}
 
 
@@ -238,7 +232,6 @@ def parse_words(name, argv):
 
 
 def options_of(name):
-    """{"--x": whether it takes a value} for the options that a command's usage names."""
     spec = commands()[name][0].split()
     return {w.strip("[]").split("=")[0]: "=" in w for w in spec if w.startswith("[--")}
 
@@ -256,7 +249,6 @@ def check_usage(name, operands, options):
 
 
 def usage_error(name, message):
-    """The one form of a usage error, wherever it is found: `NAME: MESSAGE (usage: ...)`."""
     return f"{name}: {message} (usage: {' '.join([TOOL, name, commands()[name][0]]).strip()})"
 
 
@@ -276,7 +268,7 @@ def main(argv):
         if not argv:
             to_stderr(usage().encode())
             return EXIT_USAGE
-        isolation, name, operands, options = parse(["help"] if argv[0] in ("-h", "--help") else argv)
+        isolation, name, args, options = parse(["help"] if argv[0] in ("-h", "--help") else argv)
         if name in ("help", "version"):
             out(usage() if name == "help" else f"{TOOL} {version()}\n")
             return 0
@@ -288,7 +280,7 @@ def main(argv):
         signal.signal(signal.SIGINT, interrupted)
         if name in LOCAL_COMMANDS:
             return LOCAL_COMMANDS[name](isolation, options)
-        return run_command(daemon_dir(isolation), isolation, name, operands, options)
+        return run_command(daemon_dir(isolation), isolation, name, args, options)
     except Fail as e:
         say(e)
         return e.code
@@ -302,10 +294,7 @@ def main(argv):
 def interrupted(*_):
     """Ctrl-C once grpc may be loaded: exit now (grpc finalizers swallow KeyboardInterrupt)."""
     if trace["locked"]:
-        try:
-            step("restart.6")
-        except Exception:           # we interrupted step("restart.1") itself (its first
-            pass                    # `import json`): restart.1 was not written either
+        step("restart.6")
     os._exit(EXIT_INTERRUPTED)
 
 
@@ -313,13 +302,14 @@ def interrupted(*_):
 # a JSON line per step of the doc; BUCK_LIFECYCLE_STOP_AT=STEP, it SIGSTOPs itself after STEP.
 LOG_PATH, STOP_AT = os.environ.get(LOG_ENV), os.environ.get(STOP_AT_ENV)
 LOG_PATH = LOG_PATH and os.path.abspath(LOG_PATH)     # buckd's cwd is "/"
+if LOG_PATH:
+    import json                 # now: a Ctrl-C handler's step() must not meet it half-imported
 trace = {"role": "client", "dir": None, "locked": False, "run": {}}     # buckd: "daemon"
 
 
 def step(name, /, **fields):
     """Log step `name` of this process; never fail a command, never keep the log's fd."""
     if LOG_PATH:
-        import json
         run = trace["run"].setdefault(os.getpid(), os.urandom(4).hex())
         line = {"t": time.time(), "pid": os.getpid(), "run": run, "role": trace["role"],
                 "version": version(), "dir": trace["dir"], "step": name, **fields}
@@ -358,7 +348,7 @@ def daemon_dir(isolation):
 
 
 def all_daemon_dirs():
-    return sorted(top for top, _, names in os.walk(daemons_home()) if {PID_FILE, INFO_FILE} & set(names))
+    return sorted(d for d, _, files in os.walk(daemons_home()) if PID_FILE in files or INFO_FILE in files)
 
 
 def read_info(d):
@@ -385,17 +375,16 @@ def instance(info):
 
 
 def holder(d):
-    """The running buckd's pid: who holds buckd.pid's lock, as the kernel says (F_GETLK, which
-    asks and takes nothing); or None. (0: a holder in another pid namespace.)"""
+    """The running buckd's pid: who holds buckd.pid's lock, as the kernel says; or None."""
     import fcntl
     import struct
-    linux = sys.platform.startswith("linux")    # struct flock's layout differs on macOS, BSD
-    layout = "hhqqi" if linux else "qqihh"
+    linux = sys.platform.startswith("linux")    # struct flock's form differs on macOS, BSD
+    form = "hhqqi" if linux else "qqihh"
     query = (fcntl.F_WRLCK, 0, 0, 0, 0) if linux else (0, 0, 0, fcntl.F_WRLCK, 0)
     try:
         fd = open_file(os.path.join(d, PID_FILE))
         try:
-            answer = struct.unpack(layout, fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(layout, *query)))
+            answer = struct.unpack(form, fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(form, *query)))
         finally:
             os.close(fd)
     except OSError:                 # no file, or none one can lock (a FIFO): no buckd holds it
@@ -438,7 +427,6 @@ class Connection:
         return self.stub.Status.future(pb.StatusRequest(), timeout=timeout, metadata=self.metadata)
 
     def kill(self, reason):
-        """Ask buckd to shut down. False if the call failed (wedged, or gone already)."""
         request = pb.KillRequest(reason=reason)
         call = self.stub.Kill.future(request, timeout=KILL_TIMEOUT, metadata=self.metadata)
         return call.exception() is None
@@ -497,10 +485,7 @@ def restart(d, isolation, seen, why):
 def another_client_restarted(d, seen):
     """Has buckd.info changed since `seen`? First wait for a buckd still starting."""
     pid, named = holder(d), lambda: (read_info(d) or {}).get("pid") == pid
-    try:
-        age = time.time() - os.stat(os.path.join(d, PID_FILE)).st_mtime
-    except OSError:
-        age = START_TIMEOUT
+    age = time.time() - os.path.getmtime(os.path.join(d, PID_FILE)) if pid else START_TIMEOUT
     if pid and 0 <= age < START_TIMEOUT and not named():
         poll(lambda: holder(d) != pid or named(), START_TIMEOUT - age)
     return read_file(os.path.join(d, INFO_FILE)) != seen
@@ -542,18 +527,16 @@ def keep_logs(d):
     """Move buckd.stdout, .stderr and .end into prev/, where they outlive the next start."""
     os.makedirs(os.path.join(d, PREV_DIR), exist_ok=True)
     for name in (STDOUT_FILE, STDERR_FILE, END_FILE):
-        try:
+        if os.path.exists(os.path.join(d, name)):
             os.replace(os.path.join(d, name), os.path.join(d, PREV_DIR, name))
-        except FileNotFoundError:
-            pass
 
 
 def crash_log(d, pid):
-    """Buckd `pid`'s stderr, found by the pid its first line names, and its last lines."""
+    """Buckd `pid`'s stderr, found by the pid its first line names, and its last 20 lines."""
     logs = [(path, read_file(path, -1) or b"") for path in
             (os.path.join(d, STDERR_FILE), os.path.join(d, PREV_DIR, STDERR_FILE))]
     path, text = next(((p, t) for p, t in logs if f" pid {pid} ".encode() in t[:200]), logs[0])
-    lines = text[-8192:].decode(errors="replace").splitlines()[-TAIL_LINES:]
+    lines = text[-8192:].decode(errors="replace").splitlines()[-20:]
     return shown(path) + "".join(f"\n  | {line}" for line in lines)
 
 
@@ -575,11 +558,6 @@ def end_record(where):
         return end if type(end) is dict and type(end.get("pid")) is int else {}
     except (ValueError, RecursionError):
         return {}
-
-
-def record_end(d, pid, how, why):
-    """Write in END_FILE how buckd `pid` ended (a signal does not say who sent it, and why)."""
-    write_json(os.path.join(d, END_FILE), {"pid": pid, "how": how, "why": why})
 
 
 # "When the client is killing or starting the buckd process, it will grab an exclusive lock
@@ -639,11 +617,8 @@ def kill_daemon(d, reason):
         signal_buckd(d, pid, signal.SIGKILL, reason)
         if not poll(gone, EXIT_TIMEOUT):
             raise Fail(f"could not kill {DAEMON} (pid {pid})")
-        try:
-            if read_info(d)["pid"] == pid:      # it could not remove its buckd.info: we do
-                os.unlink(os.path.join(d, INFO_FILE))
-        except (TypeError, OSError):            # (none, or just removed)
-            pass
+        if (read_info(d) or {}).get("pid") == pid:     # it could not remove its buckd.info: we do
+            os.unlink(os.path.join(d, INFO_FILE))
     step("restart.3", daemon_pid=pid, how=how)
     return pid
 
@@ -651,7 +626,8 @@ def kill_daemon(d, reason):
 def signal_buckd(d, pid, sig, reason):
     """Record who kills pid and why, then signal it, only if it holds buckd.pid's lock."""
     if pid > 1 and pid != os.getpid() and holder(d) == pid:
-        record_end(d, pid, "kill", f"{reason} ({sig.name})")
+        end = {"pid": pid, "how": "kill", "why": f"{reason} ({sig.name})"}
+        write_json(os.path.join(d, END_FILE), end)     # (a signal does not say who, or why)
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
@@ -745,7 +721,7 @@ def status_row(d, pid, info, call, patience):
 
 
 def status_fields(reply):
-    fields = {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields if f.name != "figures"}
+    fields = {n: getattr(reply, n) for n in reply.DESCRIPTOR.fields_by_name if n != "figures"}
     return {"state": "running", **fields, **dict(reply.figures)}
 
 

@@ -1,16 +1,7 @@
 """buckd, the buck daemon: "daemon process flow" of daemon_lifecycle.md (link: buck.py), in its
 order: `buck daemon` daemonizes (main); buckd locks buckd.pid, redirects its output, serves the
 DaemonApi, writes buckd.info (run), until one of the ways to shut down (serve)."""
-import fcntl
-import hmac
-import os
-import select
-import signal
-import stat
-import sys
-import threading
-import time
-import traceback
+import fcntl, hmac, os, select, signal, stat, sys, threading, time, traceback
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -93,16 +84,13 @@ def run(d, root, interval, idle, why, ready):
 
 
 def startup_failed(d, ready, e):
-    """Tell `buck daemon` why buckd cannot start: exit 3 if another buckd holds buckd.pid
-    ("only a single daemon is allowed at a time")."""
-    pid = None if ours else buck.holder(d)
-    if pid is not None:
-        return tell(ready, buck.EXIT_ALREADY_RUNNING,
-                    f"{DAEMON} is already running for {buck.shown(d)} (pid {pid})")
-    if ours:                                    # (we hold buckd.pid, and may have a log)
-        log(f"cannot start: {e}")
+    """Tell `buck daemon` why buckd cannot start (3: another holds buckd.pid: "only a single")."""
+    if ours:                                    # (we hold buckd.pid: the log must say we end)
         step("daemon.shutdown", reason=str(e), path="startup")
         step("daemon.exit")
+    elif (pid := buck.holder(d)) is not None:
+        return tell(ready, buck.EXIT_ALREADY_RUNNING,
+                    f"{DAEMON} is already running for {buck.shown(d)} (pid {pid})")
     return tell(ready, buck.EXIT_FAILED, f"{DAEMON} cannot {'start' if ours else 'lock'} "
                 f"{buck.shown(e.filename or '?')}: {e.strerror}")
 
@@ -192,11 +180,11 @@ def still_ours(name=None, name_id=None):
 
 
 def record_end(how, reason):
-    """Record in END_FILE how we end, unless a client that signalled us did (the dir is gone,
-    or a newer buckd's: nothing)."""
+    """Record in END_FILE how we end, unless a client that signalled us did, or it is not ours."""
     try:
         if ours and still_ours() and not buck.end_record(ours["dir"]).get("how"):
-            buck.record_end(ours["dir"], os.getpid(), how, reason)
+            end = {"pid": os.getpid(), "how": how, "why": reason}
+            buck.write_json(os.path.join(ours["dir"], buck.END_FILE), end)
     except OSError:
         pass
 
@@ -336,14 +324,12 @@ class DaemonApi:
         """One command, by daemon.proto's handshake; bad requests end their own call."""
         stop = threading.Event()
         with self.lock:             # counted from the start: a stream holds a thread
-            shutting_down, busy = self.reason is not None, len(self.active) >= MAX_COMMANDS
-            if not (shutting_down or busy):
-                self.active.add(stop)
-                self.last_used = time.monotonic()
-        if shutting_down:           # not accepted: the client may send it elsewhere
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"{DAEMON} is shutting down")
-        if busy:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{DAEMON} is busy: {MAX_COMMANDS} run")
+            if self.reason is not None:     # not accepted: the client may send it elsewhere
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"{DAEMON} is shutting down")
+            if len(self.active) >= MAX_COMMANDS:
+                busy = f"{DAEMON} is busy: {MAX_COMMANDS} run"
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
+            self.active.add(stop)
         if not context.add_callback(stop.set):      # the call ends: the client went away
             stop.set()
         try:
