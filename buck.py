@@ -95,12 +95,13 @@ def standard_fds():
 
 def open_file(path, flags=os.O_RDONLY):
     """os.open that never waits on a FIFO; in buckd it refuses buckd.pid (see lock_pid_file)."""
-    refusal = OSError(1, f"{DAEMON}'s own {PID_FILE}, which it holds", path)
-    if own_pid_file and os.path.exists(path) and os.path.samestat(os.stat(path), own_pid_file):
-        raise refusal
+    refusal = lambda: OSError(1, f"{DAEMON}'s own {PID_FILE}, which it holds", path)
+    if own_pid_file and os.fsdecode(path).endswith(PID_FILE):     # (a stat only for those)
+        if os.path.samestat(os.stat(path), own_pid_file):
+            raise refusal()
     fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o600)
     if own_pid_file and os.path.samestat(os.fstat(fd), own_pid_file):
-        raise refusal               # (a race opened it: it stays open, as closing drops the lock)
+        raise refusal()             # (another name for it: fd stays open, as closing drops the lock)
     return fd
 
 
@@ -275,7 +276,7 @@ def main(argv):
         if name == "daemon":
             import buckd
             return buckd.main(daemon_dir(isolation), repository_root())
-        import signal
+        import json, signal     # (json before our Ctrl-C handler, whose step() needs it whole)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `buck hash | head` ends quietly
         signal.signal(signal.SIGINT, interrupted)
         if name in LOCAL_COMMANDS:
@@ -302,14 +303,13 @@ def interrupted(*_):
 # a JSON line per step of the doc; BUCK_LIFECYCLE_STOP_AT=STEP, it SIGSTOPs itself after STEP.
 LOG_PATH, STOP_AT = os.environ.get(LOG_ENV), os.environ.get(STOP_AT_ENV)
 LOG_PATH = LOG_PATH and os.path.abspath(LOG_PATH)     # buckd's cwd is "/"
-if LOG_PATH:
-    import json                 # now: a Ctrl-C handler's step() must not meet it half-imported
 trace = {"role": "client", "dir": None, "locked": False, "run": {}}     # buckd: "daemon"
 
 
 def step(name, /, **fields):
     """Log step `name` of this process; never fail a command, never keep the log's fd."""
     if LOG_PATH:
+        import json
         run = trace["run"].setdefault(os.getpid(), os.urandom(4).hex())
         line = {"t": time.time(), "pid": os.getpid(), "run": run, "role": trace["role"],
                 "version": version(), "dir": trace["dir"], "step": name, **fields}
@@ -652,10 +652,9 @@ def start_daemon(d, isolation, why):
     step("restart.4", exit=proc.returncode, why=why[1])
     if proc.returncode == 0:
         step("restart.5", daemon_pid=holder(d))
-    elif proc.returncode > 0 and proc.returncode != EXIT_ALREADY_RUNNING:
+    elif proc.returncode > 0 and proc.returncode != EXIT_ALREADY_RUNNING:   # (else: connect()
         said = (err.decode(errors="replace").strip().splitlines() or ["no reason given"])[-1]
-        raise Fail(f"{DAEMON} failed to start: {said.removeprefix(f'{TOOL}: ')}")
-    # Else exit 3 (a buckd started behind our back) or killed: the connect loop sees to it.
+        raise Fail(f"{DAEMON} failed to start: {said.removeprefix(f'{TOOL}: ')}")     # sees to it)
 
 
 # --- "buck kill and other daemon restarts", and the commands that report daemons
