@@ -81,7 +81,7 @@ def out(data):
 
 def shown(name):
     """A name from outside as every message shows it: one line, escaped; '' if empty."""
-    text = os.fsdecode(name) if isinstance(name, bytes) else name
+    text = os.fsencode(name).decode(errors="backslashreplace")     # undecodable bytes: \xff
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text) or "''"
 
 
@@ -96,12 +96,11 @@ def standard_fds():
 def open_file(path, flags=os.O_RDONLY):
     """os.open that never waits on a FIFO; in buckd it refuses buckd.pid (see lock_pid_file)."""
     refusal = lambda: OSError(1, f"{DAEMON}'s own {PID_FILE}, which it holds", path)
-    if own_pid_file and os.fsdecode(path).endswith(PID_FILE):     # (a stat only for those)
-        if os.path.samestat(os.stat(path), own_pid_file):
-            raise refusal()
+    if own_pid_file and not flags & os.O_CREAT and os.path.samestat(os.stat(path), own_pid_file):
+        raise refusal()             # (by any name: a link, /proc/PID/fd/N)
     fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o600)
     if own_pid_file and os.path.samestat(os.fstat(fd), own_pid_file):
-        raise refusal()             # (another name for it: fd stays open, as closing drops the lock)
+        raise refusal()             # (a race: the fd stays open, as closing it drops the lock)
     return fd
 
 
@@ -273,6 +272,7 @@ def main(argv):
         if name in ("help", "version"):
             out(usage() if name == "help" else f"{TOOL} {version()}\n")
             return 0
+        version()                   # now: the files this client runs, to compare with later
         if name == "daemon":
             import buckd
             return buckd.main(daemon_dir(isolation), repository_root())

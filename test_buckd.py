@@ -1859,6 +1859,23 @@ def test_hashing_buckd_pid_keeps_the_lock(sb):
     assert sb.status()["pid"] == pid
 
 
+def test_buckd_pid_by_another_name_is_refused_without_leaking(sb):
+    """call.open refuses buckd.pid by any name (a symlink, /proc/PID/fd/N) before it opens it:
+    an fd of it that buckd opened could never be closed (that would drop the lock), so a
+    refusal after opening would leak one fd per try, until buckd runs out of them."""
+    sb.buck("server")
+    pid = sb.info()["pid"]
+    (sb.repo / "link").symlink_to(sb.dir() / "buckd.pid")
+    fds = lambda: len(os.listdir(f"/proc/{pid}/fd"))
+    sb.buck("hash", "link")
+    before = fds()
+    fd = next(n for n in os.listdir(f"/proc/{pid}/fd")
+              if os.readlink(f"/proc/{pid}/fd/{n}") == str(sb.dir() / "buckd.pid"))
+    r = sb.buck("hash", *["link"] * 50, f"/proc/{pid}/fd/{fd}")
+    assert r.code == 1 and r.err.count("buckd's own buckd.pid") >= 50, r.err
+    assert fds() <= before + 2 and lock_holder(sb.dir() / "buckd.pid") == pid
+
+
 def test_a_fifo_for_buckd_info_hangs_nobody(sb):
     """Files are read without waiting on a FIFO, and buckd compares buckd.info without opening
     it: a FIFO there is a rewritten buckd.info, nothing more."""
@@ -2262,13 +2279,16 @@ def test_a_client_that_merely_paused_never_restarts_a_healthy_buckd(sb):
     assert sb.status()["pid"] == pid and sb.one_daemon() == pid
 
 
-def test_a_client_whose_files_changed_on_disk_restarts_nothing(sb, tmp_path):
+@pytest.mark.parametrize("log", [True, False], ids=["log on", "log off"])
+def test_a_client_whose_files_changed_on_disk_restarts_nothing(sb, tmp_path, log):
     """Issue 16: buck.py and buckd.py replaced on disk (an upgrade) while a client runs: that
     client (stopped meanwhile) never restarts the new version's buckd with its own version;
-    it exits 1 in one line saying its files changed on disk, and the new buckd lives on."""
+    it exits 1 in one line saying its files changed on disk, and the new buckd lives on.
+    Whether or not the lifecycle log made it compute its version early."""
     script = copy_of_sources(tmp_path / "checkout")
     assert sb.buck("server", script=script).code == 0
-    client = sb.spawn("server", script=script, env={"BUCK_LIFECYCLE_STOP_AT": "connect.1"})
+    env = {"BUCK_LIFECYCLE_STOP_AT": "connect.1", **({} if log else {"BUCK_LIFECYCLE_LOG": None})}
+    client = sb.spawn("server", script=script, env=env)
     wait_for(lambda: stopped(client.pid), what="the client to stop at connect.1")
     with open(script.parent / "buckd.py", "a") as f:
         f.write("# the next version\n")
