@@ -626,8 +626,9 @@ def kill_daemon(d, reason):
 def signal_buckd(d, pid, sig, reason):
     """Record who kills pid and why, then signal it, only if it holds buckd.pid's lock."""
     if pid > 1 and pid != os.getpid() and holder(d) == pid:
-        end = {"pid": pid, "how": "kill", "why": f"{reason} ({sig.name})"}
-        write_json(os.path.join(d, END_FILE), end)     # (a signal does not say who, or why)
+        if end_record(d).get("how") in (None, "kill"):     # (unless buckd has said how it ends)
+            end = {"pid": pid, "how": "kill", "why": f"{reason} ({sig.name})"}
+            write_json(os.path.join(d, END_FILE), end)     # (a signal does not say who, or why)
         try:
             os.kill(pid, sig)
         except ProcessLookupError:

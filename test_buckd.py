@@ -2615,6 +2615,19 @@ def test_wedged_buckds_are_listed_and_their_killer_leaves_the_record(sb, repos):
     assert r.code == 0 and "crashed" not in r.err and "ended by kill" in r.err, r.err
 
 
+def test_a_killer_never_overwrites_the_end_buckd_itself_recorded(sb):
+    """A buckd that has recorded how it ends (here: idle) but not yet exited is killed by the
+    next client's signals: the record still says idle, as the new buckd's previous_end does."""
+    sb.buck("server", env={"BUCKD_IDLE_TIMEOUT": "1", "BUCK_LIFECYCLE_STOP_AT": "daemon.exit"})
+    pid = sb.info()["pid"]
+    wait_for(lambda: stopped(pid), what="buckd to stop itself at daemon.exit, idle")
+    old = time.time() - 60                      # not "starting a moment ago": no 30 s wait
+    os.utime(sb.dir() / "buckd.pid", (old, old))
+    r = sb.buck("server", "--json")
+    assert r.code == 0 and not alive(pid), r.err
+    assert json.loads(r.out)["previous_end"].startswith(f"pid {pid} ended by idle: no client for 1 s")
+
+
 def test_status_all_lists_every_buckd_of_the_user_from_anywhere(sb, repos):
     """Claim: `status --all` (text and --json), run outside any repository, lists every buckd
     under $HOME/.buck/buckd, across repositories and isolation dirs: running ones with pid,
