@@ -93,13 +93,14 @@ def standard_fds():
     os.close(fd)
 
 
-def open_file(path, flags=os.O_RDONLY):
-    """os.open that never waits on a FIFO; in buckd it refuses buckd.pid (see lock_pid_file)."""
+def open_file(path, flags=os.O_RDONLY, st=None):
+    """os.open that never waits on a FIFO; in buckd it refuses buckd.pid (st: path's, if known)."""
     refusal = lambda: OSError(1, f"{DAEMON}'s own {PID_FILE}, which it holds", path)
-    if own_pid_file and not flags & os.O_CREAT and os.path.samestat(os.stat(path), own_pid_file):
-        raise refusal()             # (by any name: a link, /proc/PID/fd/N)
+    mine = lambda known: own_pid_file is not None and os.path.samestat(known, own_pid_file)
+    if not flags & os.O_CREAT and mine(st or os.stat(path)):    # (by any name: a link, ...)
+        raise refusal()
     fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o600)
-    if own_pid_file and os.path.samestat(os.fstat(fd), own_pid_file):
+    if mine(os.fstat(fd)):
         raise refusal()             # (a race: the fd stays open, as closing it drops the lock)
     return fd
 
@@ -348,7 +349,7 @@ def daemon_dir(isolation):
 
 
 def all_daemon_dirs():
-    return sorted(d for d, _, files in os.walk(daemons_home()) if PID_FILE in files or INFO_FILE in files)
+    return sorted(d for d, _, files in os.walk(daemons_home()) if {PID_FILE, INFO_FILE} & {*files})
 
 
 def read_info(d):

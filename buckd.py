@@ -24,10 +24,9 @@ def main(d, root):
     os.makedirs(d, exist_ok=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # a Ctrl-C meant for our client must not
     read_end, write_end = os.pipe()                 # stop the buckd it starts
-    child = os.fork()
-    if child:                       # `buck daemon`: wait for buckd's word, "CODE message"
+    if os.fork():                   # `buck daemon`: wait for buckd's word, "CODE message"
         os.close(write_end)
-        os.waitpid(child, 0)        # the intermediate process exits at once
+        os.wait()                   # for our only child, the intermediate: it exits at once
         with os.fdopen(read_end, "rb") as pipe:
             word = pipe.read().decode(errors="replace")
         died = f"1 {DAEMON} exited during startup, see {os.path.join(d, STDERR_FILE)}"

@@ -9,9 +9,9 @@ use them. The client makes its usage and its parser from the same table.
 - handler(call) is a generator that buckd runs in a thread of its own, one per running
   command. call.args: the operands (bytes: file names need not be UTF-8); call.options:
   {name: value}, "" for a flag; call.cwd: the client's cwd (bytes; buckd's own is "/");
-  call.stop: an Event set when the command must stop (Ctrl-C, a kill); call.open(path): an
-  os.open for reading that never hangs on a FIFO and never drops buckd's lock on buckd.pid
-  (use it for every file you read). It yields ("stdout" | "stderr", bytes) and returns its
+  call.stop: an Event set when the command must stop (Ctrl-C, a kill); call.open(path, st=None):
+  an os.open for reading that never hangs on a FIFO and never drops buckd's lock on buckd.pid
+  (use it for every file you read; st, path's stat if you have it, spares one). It yields ("stdout" | "stderr", bytes) and returns its
   exit code, or None if it was stopped. Bad arguments: raise buck.Fail(message,
   buck.EXIT_USAGE); buckd shows it as the client shows its own, with the usage.
 - status() returns named figures (name -> int) that `buck status` shows.
@@ -96,7 +96,7 @@ def digest(call, path, st):
     import hashlib
     started, sha, size = time.time_ns(), hashlib.sha256(), 0
     try:
-        fd = call.open(path)
+        fd = call.open(path, st=st)     # (st: what the walk saw: no need to stat it again)
         try:
             st = os.fstat(fd)       # the file we read, wherever the path leads now
             while stat.S_ISREG(st.st_mode) and (chunk := os.read(fd, READ_SIZE)):
