@@ -87,9 +87,9 @@ def hash_jobs(call):
 def digest(call, path, st):
     """A file's hex digest: cached while its size and times are unchanged, else read and cached
     under what the open file says of itself, unless "racy" (changed so recently that a change
-    right after our read could keep its size and times) or empty (a /proc file that is empty
-    now may have content later, under the same stat). None if stopped midway; an OSError if
-    it cannot be read."""
+    right after our read could keep its size and times) or on a filesystem whose files lie about
+    their size (an empty /proc file may have content later, under the same stat). None if
+    stopped midway; an OSError if it cannot be read."""
     entry = digests.get(st.st_dev << 64 | st.st_ino)
     if entry and entry.startswith(STAMP.pack(st.st_size, st.st_mtime_ns, st.st_ctime_ns)):
         return entry[STAMP.size:]
@@ -114,11 +114,33 @@ def digest(call, path, st):
     racy = COARSE_RACY_NS if newest % 1_000_000_000 == 0 else RACY_NS
     with lock:
         counts["files_read"] += size > 0        # (an empty read costs nothing)
-        if 0 < size == st.st_size and newest < started - racy:     # (/proc files lie about size)
+        if size == st.st_size and newest < started - racy and not lies_about_size(st.st_dev):
             if len(digests) >= CACHE_LIMIT:
                 digests.clear()
             digests[st.st_dev << 64 | st.st_ino] = STAMP.pack(st.st_size, st.st_mtime_ns, st.st_ctime_ns) + hexdigest
     return hexdigest
+
+
+PSEUDO_FILESYSTEMS = {b"proc", b"sysfs", b"cgroup", b"cgroup2", b"debugfs", b"tracefs", b"configfs",
+                      b"securityfs", b"bpf", b"pstore", b"efivarfs"}
+pseudo_devices = {}             # st_dev -> whether it is one of those: from the mount table
+
+
+def lies_about_size(dev):
+    """Is device `dev` a filesystem whose files say 0 bytes, or 4096, whatever they hold (proc,
+    sysfs, cgroup...)? Known by the mount table (Linux), once per device; elsewhere: no."""
+    if dev not in pseudo_devices:
+        mounts = (line.split() for line in (buck.read_file("/proc/self/mounts") or b"").splitlines())
+        pseudo_devices[dev] = any(kind in PSEUDO_FILESYSTEMS and same_device(where, dev)
+                                  for _, where, kind, *_ in mounts)
+    return pseudo_devices[dev]
+
+
+def same_device(mount_point, dev):
+    try:
+        return os.stat(mount_point.replace(b"\\040", b" ")).st_dev == dev
+    except OSError:
+        return False
 
 
 def files_below(top):
