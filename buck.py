@@ -96,11 +96,11 @@ def standard_fds():
 def open_file(path, flags=os.O_RDONLY, st=None):
     """os.open that never waits on a FIFO; in buckd it refuses buckd.pid (st: path's, if known)."""
     refusal = lambda: OSError(1, f"{DAEMON}'s own {PID_FILE}, which it holds", path)
-    mine = lambda known: own_pid_file is not None and os.path.samestat(known, own_pid_file)
-    if not flags & os.O_CREAT and mine(st or os.stat(path)):    # (by any name: a link, ...)
+    mine = lambda known: os.path.samestat(known, own_pid_file)    # (any name: a link, ...)
+    if own_pid_file and not flags & os.O_CREAT and mine(st or os.stat(path)):
         raise refusal()
     fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o600)
-    if mine(os.fstat(fd)):
+    if own_pid_file and mine(os.fstat(fd)):
         raise refusal()             # (a race: the fd stays open, as closing it drops the lock)
     return fd
 
@@ -543,7 +543,7 @@ def crash_log(d, pid):
 
 def how_it_ended(d):
     """How d's last buckd ended (its END_FILE, in d or prev/), in words; or None."""
-    for end in (end_record(d), end_record(os.path.join(d, PREV_DIR))):
+    for end in map(end_record, (d, os.path.join(d, PREV_DIR))):     # (prev/ only if need be)
         if end.get("how"):
             return f"pid {end['pid']} ended by {end['how']}: {end['why']}"
         if end:
@@ -637,7 +637,7 @@ def signal_buckd(d, pid, sig, reason):
 
 
 def start_daemon(d, isolation, why):
-    """Steps 4-5: run `buck daemon`, which exits once buckd serves; why goes in its env."""
+    """Steps 4-5: run `buck daemon` (why in its env) until buckd serves; exit 3, a kill: retry."""
     import subprocess
     told = f"{why[1]} (by pid {os.getpid()}: {command_line()})"
     argv = [sys.executable, os.path.realpath(__file__), "--isolation-dir", isolation, "daemon"]
@@ -654,9 +654,9 @@ def start_daemon(d, isolation, why):
     step("restart.4", exit=proc.returncode, why=why[1])
     if proc.returncode == 0:
         step("restart.5", daemon_pid=holder(d))
-    elif proc.returncode > 0 and proc.returncode != EXIT_ALREADY_RUNNING:   # (else: connect()
+    elif proc.returncode > 0 and proc.returncode != EXIT_ALREADY_RUNNING:
         said = (err.decode(errors="replace").strip().splitlines() or ["no reason given"])[-1]
-        raise Fail(f"{DAEMON} failed to start: {said.removeprefix(f'{TOOL}: ')}")     # sees to it)
+        raise Fail(f"{DAEMON} failed to start: {said.removeprefix(f'{TOOL}: ')}")
 
 
 # --- "buck kill and other daemon restarts", and the commands that report daemons

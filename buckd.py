@@ -12,7 +12,7 @@ GRACE = 2.0             # seconds running commands get, at shutdown, to say why 
 MAX_COMMANDS = 256      # commands running at once; one more is refused: buckd is busy
 SPARE_THREADS = 16      # server threads beyond those: Status and Kill never queue
 grpc = pb = workload = None     # imported after daemonizing: grpc must not cross a fork
-ours = {}               # "dir" and "pid_fd" once buckd.pid is locked
+ours = {}               # "dir": the daemon dir, once we hold its buckd.pid
 
 
 # "The daemon process is started with the (hidden) `buck daemon` command."
@@ -118,7 +118,7 @@ def lock_pid_file(d):
     except OSError:
         os.close(fd)                # we hold no lock on it: closing it drops nothing
         raise
-    ours.update(dir=d, pid_fd=fd)
+    ours["dir"] = d
     buck.own_pid_file = os.fstat(fd)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
