@@ -1881,9 +1881,11 @@ def test_a_fifo_for_buckd_info_hangs_nobody(sb):
     it: a FIFO there is a rewritten buckd.info, nothing more."""
     sb.buck("server")
     pid = sb.info()["pid"]
+    os.kill(pid, signal.SIGSTOP)            # its self-check waits until status has looked
     (sb.dir() / "buckd.info").unlink()
     os.mkfifo(sb.dir() / "buckd.info")
     assert sb.buck("status", timeout=30).code == 1          # it runs, but is not named
+    os.kill(pid, signal.SIGCONT)
     wait_for(lambda: not alive(pid), what="buckd's self-check to see the change")
     r = sb.buck("server", "--json", timeout=30)
     assert r.code == 0 and json.loads(r.out)["pid"] != pid, r.err
