@@ -1,17 +1,22 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: MIT OR Apache-2.0. Upstream file of buckd: replace it on upgrade, never edit it.
 """buck, the client of buckd, after buck2's daemon_lifecycle.md, whose sections it follows:
 https://github.com/facebook/buck2/blob/main/app/buck2_daemon/daemon_lifecycle.md
-buckd.py holds "daemon process flow"; workload.py the commands buckd runs. Slow imports (json,
-grpc) wait until needed."""
+buckd.py holds "daemon process flow"; workload.py, the team's file, its names and the commands
+buckd runs. Slow imports (json, grpc) wait until needed."""
 import os, sys, time
 
-# --- What a vendoring user changes (README, "Vendoring"): renaming TOOL, DAEMON renames the rest.
-TOOL, DAEMON = "buck", "buckd"          # the command and its daemon, in messages and usage
-WORKLOAD = "workload"                   # the module of the commands buckd runs
-SOURCES = ("buck.py", "buckd.py", f"{WORKLOAD}.py", "daemon.proto",        # the version: a
-           "daemon_pb2.py", "daemon_pb2_grpc.py")                          # checksum of these
+if sys.version_info < (3, 11):      # the floor, said before anything else can fail
+    sys.exit(f"{sys.argv[0]}: needs Python 3.11 or newer, not {sys.version.split()[0]}")
+if __name__ == "__main__":
+    sys.modules.setdefault("buck", sys.modules["__main__"])    # workload and buckd import us
+import workload                     # the team's file: its names, its commands (README, "Vendoring")
+from workload import TOOL, DAEMON, MARKER       # buck, buckd, .buckconfig: the rest follows
+
+RELEASE = "1.0.0"                   # upstream's release (CHANGELOG.md); the version is a checksum of:
+SOURCES = ("buck.py", "buckd.py", "debug_commands.py", "daemon.proto", "daemon_pb2.py",
+           "daemon_pb2_grpc.py", *workload.SOURCES)
 STATE_DIR = f".{TOOL}"                  # daemon dirs: $HOME/.buck/buckd/<repo root>/<isolation>
-MARKER = f".{TOOL}config"               # .buckconfig: marks a repository's root
 DEFAULT_ISOLATION = "v2"                # the isolation dir when --isolation-dir is not given
 PID_FILE, INFO_FILE = f"{DAEMON}.pid", f"{DAEMON}.info"            # buckd.pid, buckd.info
 STDOUT_FILE, STDERR_FILE = f"{DAEMON}.stdout", f"{DAEMON}.stderr"  # buckd.stdout, buckd.stderr
@@ -153,7 +158,7 @@ def daemon_settings():
 
 # --- "There's a small set of commands/arguments that don't require the daemon (`buck help`, ...)"
 
-COMMANDS = {            # name: (usage, help); no help: hidden. workload.COMMANDS adds its own.
+COMMANDS = {            # name: (usage, help); no help: hidden. workload_commands() adds its own.
     "help": ("", "show this message"),
     "version": ("", "print this client's version"),
     "status": ("[--json] [--all]", f"report the running {DAEMON} (--all: every one of yours)"),
@@ -166,11 +171,13 @@ USAGE_LINE = f"{TOOL} [--isolation-dir NAME] COMMAND ..."
 
 
 def commands():
-    try:
-        workload = __import__(WORKLOAD)
-    except ImportError as e:
-        raise Fail(f"{e}: {WORKLOAD}.py, the commands {DAEMON} runs, goes beside {shown(HERE)}")
-    return {**COMMANDS, **{name: entry[:2] for name, entry in workload.COMMANDS.items()}}
+    return {**COMMANDS, **{name: entry[:2] for name, entry in workload_commands().items()}}
+
+
+def workload_commands():
+    """name -> (usage, help, handler): the team's commands, and upstream's `debug` hooks."""
+    import debug_commands
+    return {**workload.COMMANDS, **debug_commands.COMMANDS}
 
 
 def version():
@@ -271,7 +278,7 @@ def main(argv):
             return EXIT_USAGE
         isolation, name, args, options = parse(["help"] if argv[0] in ("-h", "--help") else argv)
         if name in ("help", "version"):
-            out(usage() if name == "help" else f"{TOOL} {version()}\n")
+            out(usage() if name == "help" else f"{TOOL} {version()} (release {RELEASE})\n")
             return 0
         version()                   # now: the files this client runs, to compare with later
         if name == "daemon":
@@ -809,10 +816,14 @@ def handshake(request, accepted):
 
 LOCAL_COMMANDS = {"status": cmd_status, "server": cmd_server, "kill": cmd_kill, "killall": cmd_killall}
 
-if __name__ == "__main__":
-    sys.modules.setdefault("buck", sys.modules["__main__"])    # buckd and workload import us
+def entry():
+    """`python buck.py ...` and a vendored launcher: run main, exit with its code."""
     try:
         code = main(sys.argv[1:])
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
     os._exit(code)                  # skip interpreter teardown: grpc's threads make it slow
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT OR Apache-2.0. Upstream file of buckd: replace it on upgrade, never edit it.
 """buckd, the buck daemon: "daemon process flow" of daemon_lifecycle.md (link: buck.py), in its
 order: `buck daemon` daemonizes (main); buckd locks buckd.pid, redirects its output, serves the
 DaemonApi, writes buckd.info (run), until one of the ways to shut down (serve)."""
@@ -11,7 +12,7 @@ from buck import DAEMON, INFO_FILE, PID_FILE, STDERR_FILE, STDOUT_FILE, TOOL, st
 GRACE = 2.0             # seconds running commands get, at shutdown, to say why they end
 MAX_COMMANDS = 256      # commands running at once; one more is refused: buckd is busy
 SPARE_THREADS = 16      # server threads beyond those: Status and Kill never queue
-grpc = pb = workload = None     # imported after daemonizing: grpc must not cross a fork
+grpc = pb = None        # imported after daemonizing: grpc must not cross a fork
 ours = {}               # "dir": the daemon dir, once we hold its buckd.pid
 
 
@@ -253,10 +254,9 @@ def panics(method):
 
 def start_server(d, wake, why, previous):
     """The DaemonApi on 127.0.0.1: a thread per command (MAX_COMMANDS), and spares."""
-    global grpc, pb, workload
+    global grpc, pb
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     grpc, pb, pb_grpc = buck.load_grpc()
-    workload = __import__(buck.WORKLOAD)
     api = DaemonApi(d, wake, why, previous)
     mark = buck.instance({"pid": os.getpid(), "start_time": api.start_time})
     os.environ[buck.INSTANCE_ENV] = mark        # before any thread: what our commands start inherit
@@ -299,7 +299,7 @@ class DaemonApi:
             pid=os.getpid(), port=self.port, version=self.version, daemon_dir=buck.shown(self.dir),
             start_time=self.start_time, uptime_s=time.time() - self.start_time,
             active_commands=len(self.active), idle_s=idle, started_because=self.why,
-            previous_end=self.previous, figures=workload.status())
+            previous_end=self.previous, figures=buck.workload.status())
 
     # Shutdown path 1: "The grpc api includes a `kill()` call that will shutdown buckd."
     @panics
@@ -359,7 +359,7 @@ def malformed(request):
     """What is wrong with a Command request that no handler should see, or None."""
     if request is None:
         return "no command was sent"
-    if request.name not in workload.COMMANDS:
+    if request.name not in buck.workload_commands():
         return f"no command {buck.shown(request.name)}"
     if not os.path.isabs(request.cwd):
         return f"cwd must be an absolute path, not {buck.shown(request.cwd)}"
@@ -374,7 +374,7 @@ def run_workload(request, stop):
                            stop=stop, open=buck.open_file)
     try:
         buck.check_usage(request.name, call.args, call.options)
-        events = workload.COMMANDS[request.name][2](call)
+        events = buck.workload_commands()[request.name][2](call)
         while True:
             try:
                 kind, data = next(events)

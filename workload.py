@@ -1,8 +1,9 @@
+# The team's file (README, "Vendoring"): its tool's names and commands. Upstream never overwrites it.
 """The commands buckd runs: the workload, which buck2's daemon_lifecycle.md never mentions.
 
 buckd loads this module through one seam, COMMANDS: name -> (usage, help, handler). A vendoring
-team replaces `hash` with its own commands and keeps the `debug` ones: the lifecycle tests
-use them. The client makes its usage and its parser from the same table.
+team replaces `hash` with its own commands (upstream's `debug` ones, which the lifecycle tests
+use, live in debug_commands.py). The client makes its usage and its parser from the same table.
 
 - usage: "[--x]" a flag, "[--x=V]" an option with a value, "P" an operand, "P..." one or more,
   "[P...]" any number. help: one line for `buck help`, or None for a hidden command.
@@ -17,13 +18,20 @@ use them. The client makes its usage and its parser from the same table.
 - status() returns named figures (name -> int) that `buck status` shows.
 An exception of any other kind is a bug: buckd panics.
 """
+# --- The names: the command and its daemon (buckd.pid, ~/.buck/buckd/, BUCKD_* follow from
+# them), the file that marks a repository's root, and the files besides this one that are part of
+# the version (your own modules).
+TOOL, DAEMON = "buck", "buckd"
+MARKER = f".{TOOL}config"
+SOURCES = ("workload.py",)
+
 import _thread                  # (not threading: the client imports us, and must start fast)
 import os
 import stat
 import struct
 import time
 
-import buck
+import buck                     # (only inside functions: buck imports us first)
 
 # --- `hash`: sha256sum, with digests cached in buckd between commands
 
@@ -179,25 +187,6 @@ def sha256sum_line(hexdigest, name):
     return b"%s  %s\n" % (hexdigest, name)
 
 
-# --- `debug`: hooks of the lifecycle tests. Keep them when you replace `hash`.
-
-def cmd_debug_sleep(call):
-    """`buck debug sleep SECONDS`: one line, then a sleep that ends early if stopped."""
-    seconds = buck.seconds(os.fsdecode(call.args[0]), "SECONDS", 0, buck.MAX_SECONDS)
-    done = time.monotonic() + seconds
-    yield "stdout", b"sleeping for %g s\n" % seconds
-    call.stop.wait(done - time.monotonic())
-    return 0 if time.monotonic() >= done else None
-
-
-def cmd_debug_crash(call):
-    """`buck debug crash`: a simulated bug in a command, hence a panic."""
-    raise RuntimeError(f"`{buck.TOOL} debug crash` was invoked")
-    yield                           # (a generator, like every command)
-
-
 COMMANDS = {
-    "hash": ("PATH...", f"print SHA-256 digests as sha256sum does, cached by {buck.DAEMON}", cmd_hash),
-    "debug sleep": ("SECONDS", None, cmd_debug_sleep),
-    "debug crash": ("", None, cmd_debug_crash),
+    "hash": ("PATH...", f"print SHA-256 digests as sha256sum does, cached by {DAEMON}", cmd_hash),
 }
