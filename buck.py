@@ -2,15 +2,18 @@
 # SPDX-License-Identifier: MIT OR Apache-2.0. Upstream file of buckd: replace it on upgrade, never edit it.
 """buck, the client of buckd, after buck2's daemon_lifecycle.md, whose sections it follows:
 https://github.com/facebook/buck2/blob/main/app/buck2_daemon/daemon_lifecycle.md
-buckd.py holds "daemon process flow"; workload.py, the team's file, its names and the commands
-buckd runs. Slow imports (json, grpc) wait until needed."""
-import os, sys, time
+buckd.py holds "daemon process flow" and the daemon dir's files; workload.py, the team's file,
+its names and the commands buckd runs. Slow imports (json, grpc, buckd) wait until needed."""
+import os, stat, sys, time
 
 if sys.version_info < (3, 11):      # the floor, said before anything else can fail
     sys.exit(f"{sys.argv[0]}: needs Python 3.11 or newer, not {sys.version.split()[0]}")
 if __name__ == "__main__":
     sys.modules.setdefault("buck", sys.modules["__main__"])    # workload and buckd import us
-import workload                     # the team's file: its names, its commands (README, "Vendoring")
+try:
+    import workload                 # the team's file: its names, its commands (README, "Vendoring")
+except ImportError as e:
+    sys.exit(f"{sys.argv[0]}: {e}: workload.py, the team's file, goes beside buck.py")
 from workload import TOOL, DAEMON, MARKER       # buck, buckd, .buckconfig: the rest follows
 
 RELEASE = "1.0.0"                   # upstream's release (CHANGELOG.md); the version is a checksum of:
@@ -43,16 +46,19 @@ EXIT_TIMEOUT = 5.0      # for buckd to exit once asked (then SIGKILL), and again
 START_TIMEOUT = 30.0    # for `buck daemon` to report that buckd serves
 LOCK_TIMEOUT = 60.0     # for another client to finish starting or killing buckd
 LOCK_PATIENCE = 1.0     # after this long waiting for lifecycle.lock, say for whom
-ATTEMPTS = 4            # restarts and resends before we give up on a fight over buckd
+KILLALL_PATIENCE = 2.0  # killall waits this long for a lifecycle.lock another client holds
+ATTEMPTS = 4            # connections one command may try, restarts included; then it gives up
 CHECK_INTERVAL = 100.0  # buckd's self-check: "every 100s or so" (BUCKD_CHECK_INTERVAL)
 IDLE_TIMEOUT = 3 * 3600.0   # as Bazel's --max_idle_secs (BUCKD_IDLE_TIMEOUT; 0: never)
 MIN_IDLE = 1.0          # a shorter idle timeout ends buckd before its client can use it
 MAX_SECONDS = 1e7       # the longest duration we accept (115 days)
+SETTINGS = {CHECK_INTERVAL_ENV: ("check_interval_s", CHECK_INTERVAL, 0.01),   # buckd's settings:
+            IDLE_TIMEOUT_ENV: ("idle_timeout_s", IDLE_TIMEOUT, MIN_IDLE)}     # field, default, least
 
 HERE = os.path.dirname(os.path.realpath(__file__))
-grpc = pb = pb_grpc = None      # imported by load_grpc(), by the commands that talk to buckd
+grpc = pb = pb_grpc = buckd = None  # imported by the commands that need them
 _version = None
-own_pid_file = None             # in buckd: the stat of the buckd.pid whose lock it holds
+held_locks = set()                  # the daemon dirs whose lifecycle.lock we hold
 
 
 class Fail(Exception):
@@ -76,7 +82,7 @@ def to_stderr(data):
 
 def out(data):
     """Write all of data to stdout, or fail: a full disk or a closed stdout is a failure."""
-    view = memoryview(data.encode() if isinstance(data, str) else data)
+    view = memoryview(data.encode(errors="backslashreplace") if isinstance(data, str) else data)
     try:
         while view:
             view = view[os.write(1, view):]
@@ -84,9 +90,12 @@ def out(data):
         raise Fail(f"cannot write output: {e.strerror}") from None
 
 
-def shown(name):
+def printable(name):
     """A name from outside as every message shows it: one line, escaped; '' if empty."""
-    text = os.fsencode(name).decode(errors="backslashreplace")     # undecodable bytes: \xff
+    try:
+        text = os.fsencode(name).decode(errors="backslashreplace")    # undecodable bytes: \xff
+    except UnicodeEncodeError:
+        text = name                 # a lone surrogate: escaped below
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text) or "''"
 
 
@@ -98,22 +107,22 @@ def standard_fds():
     os.close(fd)
 
 
-def open_file(path, flags=os.O_RDONLY, st=None):
-    """os.open that never waits on a FIFO; in buckd it refuses buckd.pid (st: path's, if known)."""
-    refusal = lambda: OSError(1, f"{DAEMON}'s own {PID_FILE}, which it holds", path)
-    mine = lambda known: os.path.samestat(known, own_pid_file)    # (any name: a link, ...)
-    if own_pid_file and not flags & os.O_CREAT and mine(st or os.stat(path)):
-        raise refusal()
+def open_file(path, flags=os.O_RDONLY, st=None, refuse=None):
+    """os.open that never waits on a FIFO, and refuses the file whose stat is `refuse`, by any
+    name: in buckd, its buckd.pid, as closing any fd of it drops the lock. st: path's, if known."""
+    refusal = OSError(1, f"{DAEMON}'s own {PID_FILE}, which it holds", path)
+    if refuse and not flags & os.O_CREAT and os.path.samestat(st or os.stat(path), refuse):
+        raise refusal
     fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o600)
-    if own_pid_file and mine(os.fstat(fd)):
-        raise refusal()             # (a race: the fd stays open, as closing it drops the lock)
+    if refuse and os.path.samestat(os.fstat(fd), refuse):
+        raise refusal               # (a race: the fd stays open, as closing it drops the lock)
     return fd
 
 
-def read_file(path, limit=1 << 20):
+def read_file(path, flags=0, limit=1 << 20):
     """The file's bytes (at most `limit`), or None if it cannot be read (missing, a FIFO...)."""
     try:
-        fd = open_file(path)
+        fd = open_file(path, os.O_RDONLY | flags)
         try:
             return open(fd, "rb", closefd=False).read(limit)
         finally:
@@ -126,10 +135,17 @@ def write_json(path, value):
     """Write value as JSON in a file (0600) under its final name at once: never half-written."""
     import json
     tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with open(fd, "wb") as f:
-        f.write(json.dumps(value).encode())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        with open(fd, "wb") as f:
+            f.write(json.dumps(value).encode())
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)          # (a full disk, a directory in the way: nothing left behind)
+        except OSError:
+            pass
+        raise
 
 
 def poll(condition, timeout, interval=0.005):
@@ -145,15 +161,29 @@ def seconds(text, name, low, high):
     """The one parser of numbers from outside: plain decimal, from low to high, or a usage error."""
     if text.isascii() and text.replace(".", "", 1).isdigit() and low <= float(text) <= high:
         return float(text)
-    raise Fail(f"{name} must be seconds from {low:g} to {high:g}, not {shown(text)}", EXIT_USAGE)
+    raise Fail(f"{name} must be seconds from {low:g} to {high:g}, not {printable(text)}", EXIT_USAGE)
 
 
-def daemon_settings():
-    def setting(name, default, low):
-        return seconds(os.environ.get(name, str(default)), name, low, MAX_SECONDS)
-    never = os.environ.get(IDLE_TIMEOUT_ENV) == "0"
-    idle = None if never else setting(IDLE_TIMEOUT_ENV, IDLE_TIMEOUT, MIN_IDLE)    # (0: never)
-    return setting(CHECK_INTERVAL_ENV, CHECK_INTERVAL, 0.01), idle
+def daemon_settings(given_only=False):
+    """buckd's settings from the environment: {field: seconds}, an idle timeout of 0 meaning
+    never; given_only: only those this client sets. A bad one is a usage error."""
+    settings = {}
+    for name, (field, default, least) in SETTINGS.items():
+        text = os.environ.get(name)
+        if text is None and given_only:
+            continue
+        if name == IDLE_TIMEOUT_ENV and text == "0":
+            settings[field] = 0.0
+        else:
+            settings[field] = seconds(str(default) if text is None else text, name, least, MAX_SECONDS)
+    return settings
+
+
+def settings_problem(check_interval, idle_timeout):
+    """What is wrong with settings a Configure call brings, or None."""
+    if 0.01 <= check_interval <= MAX_SECONDS and (idle_timeout == 0 or MIN_IDLE <= idle_timeout <= MAX_SECONDS):
+        return None
+    return f"bad settings: check interval {check_interval!r} s, idle timeout {idle_timeout!r} s"
 
 
 # --- "There's a small set of commands/arguments that don't require the daemon (`buck help`, ...)"
@@ -188,13 +218,13 @@ def version():
 
 
 def checksum():
-    import zlib                     # (0.1 ms; hashlib costs 6)
+    import zlib                     # (not hashlib: 6 ms to import)
     crc = 0
     for name in SOURCES:
-        data = read_file(os.path.join(HERE, name), -1)
+        data = read_file(os.path.join(HERE, name), limit=-1)
         if data is None:
-            raise Fail(f"cannot read {shown(os.path.join(HERE, name))}, one of SOURCES "
-                       "(daemon_pb2*.py are generated from daemon.proto, see README.md)")
+            raise Fail(f"cannot read {printable(os.path.join(HERE, name))}, one of SOURCES (generate "
+                       "daemon_pb2*.py: python3 -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. daemon.proto)")
         crc = zlib.crc32(data, crc)
     return f"{crc:08x}"
 
@@ -204,14 +234,18 @@ def parse(argv):
     isolation, argv = DEFAULT_ISOLATION, list(argv)
     while argv and argv[0].split("=")[0] == "--isolation-dir":
         word = argv.pop(0)
-        isolation = word.partition("=")[2] if "=" in word else (argv.pop(0) if argv else "")
+        if "=" in word:
+            isolation = word.partition("=")[2]
+        else:
+            isolation = argv.pop(0) if argv else ""
         if not isolation or "/" in isolation or isolation in (".", ".."):
-            raise Fail(f"bad --isolation-dir {shown(isolation)}: a name, not a path "
+            raise Fail(f"bad --isolation-dir {printable(isolation)}: a name, not a path "
                        f"(usage: {USAGE_LINE})", EXIT_USAGE)
-    name = max((n for n in commands() if argv[:len(n.split())] == n.split()), key=len, default=None)
-    if name is None:
-        raise Fail(f"{f'unknown command {shown(argv[0])}' if argv else 'no command'} "
-                   f"(usage: {USAGE_LINE}; see `{TOOL} help`)", EXIT_USAGE)
+    known = [name for name in commands() if argv[:len(name.split())] == name.split()]
+    if not known:
+        what = f"unknown command {printable(argv[0])}" if argv else "no command"
+        raise Fail(f"{what} (usage: {USAGE_LINE}; see `{TOOL} help`)", EXIT_USAGE)
+    name = max(known, key=len)
     try:
         operands, options = parse_words(name, argv[len(name.split()):])
         check_usage(name, operands, options)
@@ -221,6 +255,7 @@ def parse(argv):
 
 
 def parse_words(name, argv):
+    """Operands, and options as the usage writes them: a flag "--x", an option "--x=VALUE"."""
     words, operands, options, takes = iter(argv), [], {}, options_of(name)
     for word in words:
         key, has_value, value = word.partition("=")
@@ -228,12 +263,14 @@ def parse_words(name, argv):
             operands += words
         elif not word.startswith("--"):
             operands.append(word)
-        elif key not in takes or has_value and not takes[key]:
-            raise Fail(f"unknown option {shown(word)}", EXIT_USAGE)
+        elif key not in takes:
+            raise Fail(f"unknown option {printable(key)}", EXIT_USAGE)
         elif key[2:] in options:
             raise Fail(f"{key} given twice", EXIT_USAGE)
-        elif takes[key] and not has_value and (value := next(words, None)) is None:
-            raise Fail(f"{key} needs a value", EXIT_USAGE)
+        elif takes[key] and not has_value:
+            raise Fail(f"{key} needs a value, as {key}=VALUE", EXIT_USAGE)
+        elif has_value and not takes[key]:
+            raise Fail(f"{key} takes no value", EXIT_USAGE)
         else:
             options[key[2:]] = value
     return operands, options
@@ -248,12 +285,14 @@ def check_usage(name, operands, options):
     """Fail unless operands and options fit the usage: the client checks, and buckd again."""
     unknown = sorted(set(options) - {key[2:] for key in options_of(name)})
     if unknown:
-        raise Fail(f"unknown option --{shown(unknown[0])}", EXIT_USAGE)
+        raise Fail(f"unknown option --{printable(unknown[0])}", EXIT_USAGE)
     slots = [w for w in commands()[name][0].split() if not w.startswith("[--")]
     least = sum(not w.startswith("[") for w in slots)
     most = float("inf") if any(w.rstrip("]").endswith("...") for w in slots) else len(slots)
-    if not least <= len(operands) <= most:
-        raise Fail(f"{'missing' if len(operands) < least else 'extra'} operand(s)", EXIT_USAGE)
+    if len(operands) < least:
+        raise Fail("missing operand(s)", EXIT_USAGE)
+    if len(operands) > most:
+        raise Fail("extra operand(s)", EXIT_USAGE)
 
 
 def usage_error(name, message):
@@ -270,6 +309,7 @@ def usage():
 
 def main(argv):
     """`buck ARGV`: returns the exit code. Every failure is one line on stderr."""
+    global buckd
     standard_fds()
     os.umask(0o077)                 # what we create under $HOME, dirs too, is the user's alone
     try:
@@ -281,20 +321,20 @@ def main(argv):
             out(usage() if name == "help" else f"{TOOL} {version()} (release {RELEASE})\n")
             return 0
         version()                   # now: the files this client runs, to compare with later
+        import buckd                # the daemon, and its daemon dir's files
         if name == "daemon":
-            import buckd
-            return buckd.main(daemon_dir(isolation), repository_root())
+            return buckd.main(owned(daemon_dir(isolation)), repository_root())
         import json, signal     # (json before our Ctrl-C handler, whose step() needs it whole)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `buck hash | head` ends quietly
         signal.signal(signal.SIGINT, interrupted)
         if name in LOCAL_COMMANDS:
             return LOCAL_COMMANDS[name](isolation, options)
-        return run_command(daemon_dir(isolation), isolation, name, args, options)
+        return run_command(owned(daemon_dir(isolation)), isolation, name, args, options)
     except Fail as e:
         say(e)
         return e.code
     except OSError as e:
-        say(f"{shown(e.filename)}: {e.strerror}" if e.filename else e)
+        say(f"{printable(e.filename)}: {e.strerror}" if e.filename else e)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -302,8 +342,8 @@ def main(argv):
 
 def interrupted(*_):
     """Ctrl-C once grpc may be loaded: exit now (grpc finalizers swallow KeyboardInterrupt)."""
-    if trace["locked"]:
-        step("restart.6")
+    for d in list(held_locks):
+        step("restart.6", d)
     os._exit(EXIT_INTERRUPTED)
 
 
@@ -311,18 +351,19 @@ def interrupted(*_):
 # a JSON line per step of the doc; BUCK_LIFECYCLE_STOP_AT=STEP, it SIGSTOPs itself after STEP.
 LOG_PATH, STOP_AT = os.environ.get(LOG_ENV), os.environ.get(STOP_AT_ENV)
 LOG_PATH = LOG_PATH and os.path.abspath(LOG_PATH)     # buckd's cwd is "/"
-trace = {"role": "client", "dir": None, "locked": False, "run": {}}     # buckd: "daemon"
+run_ids = {}                        # pid -> a run id: a buckd forked from us is another run
 
 
-def step(name, /, **fields):
-    """Log step `name` of this process; never fail a command, never keep the log's fd."""
+def step(name, d, /, role="client", refuse=None, **fields):
+    """Log step `name` of this process in daemon dir d; never fail a command, never keep the fd."""
     if LOG_PATH:
         import json
-        run = trace["run"].setdefault(os.getpid(), os.urandom(4).hex())
-        line = {"t": time.time(), "pid": os.getpid(), "run": run, "role": trace["role"],
-                "version": version(), "dir": trace["dir"], "step": name, **fields}
+        run = run_ids.setdefault(os.getpid(), os.urandom(4).hex())
+        line = {"t": time.time(), "pid": os.getpid(), "run": run, "role": role,
+                "version": version(), "dir": d, "step": name, **fields}
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         try:
-            with open(open_file(LOG_PATH, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab", 0) as f:
+            with open(open_file(LOG_PATH, flags, refuse=refuse), "ab", 0) as f:
                 f.write(json.dumps(line).encode() + b"\n")     # unbuffered, one write: never mixed
         except OSError:
             pass
@@ -344,61 +385,27 @@ def repository_root():
     cwd = root = os.getcwd()
     while not os.path.isfile(os.path.join(root, MARKER)):
         if root == os.path.dirname(root):
-            raise Fail(f"not in a repository: no {MARKER} in {shown(cwd)} or its parents")
+            raise Fail(f"not in a repository: no {MARKER} in {printable(cwd)} or its parents")
         root = os.path.dirname(root)
     return root
 
 
 def daemon_dir(isolation):
     """$HOME/.buck/buckd/<repo root without its leading />/<isolation dir>."""
-    trace["dir"] = os.path.join(daemons_home(), repository_root().lstrip("/"), isolation)
-    return trace["dir"]
+    return os.path.join(daemons_home(), repository_root().lstrip("/"), isolation)
 
 
-def all_daemon_dirs():
-    return sorted(d for d, _, files in os.walk(daemons_home()) if {PID_FILE, INFO_FILE} & {*files})
-
-
-def read_info(d):
-    """buckd.info as a dict, or None if it is not a complete, valid one, whatever is wrong."""
-    return parse_info(read_file(os.path.join(d, INFO_FILE)))
-
-
-def parse_info(raw):
-    import json
-    try:
-        info = json.loads(raw or b"")
-        fields = (("pid", int), ("port", int), ("version", str), ("auth_token", str))
-        if all(type(info.get(key)) is kind for key, kind in fields) and 0 < info["port"] < 65536 \
-                and info["auth_token"].isascii() and info["auth_token"].isalnum():
-            return info
-    except (ValueError, RecursionError, AttributeError):
-        pass
-    return None
-
-
-def instance(info):
-    """What tells one buckd from any other, now or later, without its secret token."""
-    return f"{info['pid']}@{info.get('start_time')!r}"
-
-
-def holder(d):
-    """The running buckd's pid: who holds buckd.pid's lock, as the kernel says; or None."""
-    import fcntl
-    import struct
-    linux = sys.platform.startswith("linux")    # struct flock's form differs on macOS, BSD
-    form = "hhqqi" if linux else "qqihh"
-    query = (fcntl.F_WRLCK, 0, 0, 0, 0) if linux else (0, 0, 0, fcntl.F_WRLCK, 0)
-    try:
-        fd = open_file(os.path.join(d, PID_FILE))
-        try:
-            answer = struct.unpack(form, fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(form, *query)))
-        finally:
-            os.close(fd)
-    except OSError:                 # no file, or none one can lock (a FIFO): no buckd holds it
-        return None
-    kind, pid = (answer[0], answer[4]) if linux else (answer[3], answer[2])
-    return None if kind == fcntl.F_UNLCK else pid
+def owned(d):
+    """d, once we know that it and each dir above it up to $HOME/.buck that exists is the
+    caller's own: what another user put there (root with a user's HOME) never steers us."""
+    path, top = d, os.path.dirname(daemons_home())
+    while True:
+        for st in (os.lstat(path), os.stat(path)) if os.path.lexists(path) else ():
+            if st.st_uid != os.geteuid():
+                raise Fail(f"{printable(path)} belongs to uid {st.st_uid}, not to you: refusing to use it")
+        if path == top or path == os.path.dirname(path):
+            return d
+        path = os.path.dirname(path)
 
 
 # --- "client connection and buckd startup"
@@ -411,10 +418,11 @@ def load_grpc():
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
         sys.path.insert(0, HERE)
         try:
-            import grpc, daemon_pb2 as pb, daemon_pb2_grpc as pb_grpc    # (the globals)
+            import grpc, daemon_pb2 as pb, daemon_pb2_grpc as pb_grpc    # (into our globals)
         except ImportError as e:
-            raise Fail(f"{e}: {TOOL} needs grpcio and protobuf, and daemon_pb2*.py generated "
-                       f"from daemon.proto in {shown(HERE)} (see README.md)")
+            raise Fail(f"{e}: {TOOL} needs grpcio and protobuf, and daemon_pb2*.py generated from "
+                       f"daemon.proto in {printable(HERE)} (python3 -m grpc_tools.protoc -I. "
+                       "--python_out=. --grpc_python_out=. daemon.proto)")
         finally:
             if quiet:               # grpc has read it by now
                 del os.environ["GRPC_VERBOSITY"]
@@ -435,162 +443,175 @@ class Connection:
         return self.stub.Status.future(pb.StatusRequest(), timeout=timeout, metadata=self.metadata)
 
     def kill(self, reason):
+        """The Kill call, under way: its .exception() is None once buckd took it."""
         request = pb.KillRequest(reason=reason)
-        call = self.stub.Kill.future(request, timeout=KILL_TIMEOUT, metadata=self.metadata)
-        return call.exception() is None
+        return self.stub.Kill.future(request, timeout=KILL_TIMEOUT, metadata=self.metadata)
+
+    def configure(self, settings):
+        return self.stub.Configure(pb.Settings(**settings), timeout=STATUS_TIMEOUT, metadata=self.metadata)
 
 
 def rpc_error(e):
     return f"{e.code().name}: {e.details()}" if isinstance(e, grpc.Call) else str(e)
 
 
-# Why a client (re)starts buckd: the outcomes of steps 1-3 that are not a connection, named.
-NO_DAEMON, CORRUPT, NOT_USABLE, MISMATCH, VANISHED = (
-    "no daemon", "corrupt info", "not usable", "version mismatch", "vanished")
+class Why:
+    """Why a client (re)starts buckd: an outcome of steps 1-3 that is not a connection, named
+    (as buck2's connect.rs names them), and the words that say it."""
+
+    def __init__(self, outcome, text):
+        self.outcome, self.text = outcome, text
+
+
+NO_DAEMON, CORRUPT, NOT_USABLE, MISMATCH, CRASHED = (
+    "no daemon", "corrupt info", "not usable", "version mismatch", "crashed")
 
 
 def connect(d, isolation):
-    """Steps 1-3 of "client connection", and a (re)start when they fail: (Connection, Status)."""
+    """Steps 1-3 of "client connection", and a (re)start when they fail: yields a checked
+    (Connection, Status reply) each time the caller needs one, ATTEMPTS in all for the whole
+    command (the one bound on restarts and resends), then gives up."""
+    try:
+        daemon_settings()
+    except Fail as e:
+        raise Fail(f"bad {DAEMON} setting: {e}") from None
     for _ in range(ATTEMPTS):
-        raw = read_file(os.path.join(d, INFO_FILE))     # 1. read buckd.info
-        step("connect.1", found=raw is not None)
-        conn, reply, why = check_version(raw)           # 2-3. connect, check the version
+        raw = read_file(os.path.join(d, INFO_FILE), os.O_NOFOLLOW)     # 1. read buckd.info
+        step("connect.1", d, found=raw is not None)
+        conn, reply, why = check_version(d, raw)                      # 2-3. connect, check
         if conn:
-            return conn, reply
-        restart(d, isolation, raw, why)
-    raise Fail(f"gave up after {ATTEMPTS} attempts: {DAEMON} keeps being replaced "
-               "(is a client of another version running?)")
+            apply_settings(d, conn, reply)
+            yield conn, reply
+        else:
+            restart(d, isolation, raw, why)
+    raise Fail(f"gave up after {ATTEMPTS} attempts to reach a {DAEMON} of this version that takes "
+               "the command: it keeps being replaced (is a client of another version running?)")
 
 
-def check_version(raw, timeout=STATUS_TIMEOUT):
-    """Steps 2-3: (connection, Status reply, None) or (None, None, (outcome, why))."""
-    info = parse_info(raw)
+# Correctness 3, "A client only uses a buckd connection after making sure it has a compatible
+# version": a Connection is only ever returned here, after a Status naming our version.
+def check_version(d, raw, timeout=STATUS_TIMEOUT):
+    """Steps 2-3: (Connection, Status reply, None), or (None, None, Why)."""
+    info = buckd.parse_info(raw)
+    if info is None and raw:
+        return None, None, Why(CORRUPT, f"{INFO_FILE} is corrupt")
     if info is None:
-        return None, None, (CORRUPT, f"{INFO_FILE} is corrupt") if raw else (NO_DAEMON, f"no {DAEMON} was running")
+        return None, None, Why(NO_DAEMON, f"no {DAEMON} was running")
     conn = Connection(info)
     try:
         reply = conn.status(timeout).result()
     except grpc.RpcError as e:
-        return None, None, (NOT_USABLE, f"{DAEMON} (pid {info['pid']}) is not usable ({rpc_error(e)})")
-    step("connect.3", daemon_pid=reply.pid, daemon_version=reply.version, ok=reply.version == version())
-    if reply.version != version():
-        return None, None, (MISMATCH, f"{DAEMON} version mismatch (daemon {reply.version}, client {version()})")
+        return None, None, Why(NOT_USABLE, f"{DAEMON} (pid {info['pid']}) is not usable ({rpc_error(e)})")
+    ok = reply.version == version()
+    step("connect.3", d, daemon_pid=reply.pid, daemon_version=reply.version, ok=ok)
+    if not ok:
+        return None, None, Why(MISMATCH, f"{DAEMON} version mismatch (daemon {reply.version}, client {version()})")
     return conn, reply, None
 
 
-def restart(d, isolation, seen, why):
-    """"To start/restart the buckd process", steps 1-6, unless buckd no longer needs it."""
-    with lifecycle_lock(d):                 # 1. lock "lifecycle.lock"; 6. release it on leaving
-        if another_client_restarted(d, seen) or answers_now(seen, why):
-            return
-        why = explain(d, seen, why)
-        may_restart(seen, why)
-        say(f"{'starting' if why[0] in (NO_DAEMON, VANISHED) else 'restarting'} {DAEMON}: {why[1]}")
-        kill_daemon(d, f"{DAEMON} was restarted by pid {os.getpid()}: {why[1]}")   # 2-3. kill it
-        start_daemon(d, isolation, why)                 # 4-5. run `buck daemon`, wait until ready
-
-
-def another_client_restarted(d, seen):
-    """Has buckd.info changed since `seen`? First wait for a buckd still starting."""
-    pid, named = holder(d), lambda: (read_info(d) or {}).get("pid") == pid
-    age = time.time() - os.path.getmtime(os.path.join(d, PID_FILE)) if pid else START_TIMEOUT
-    if pid and 0 <= age < START_TIMEOUT and not named():
-        poll(lambda: holder(d) != pid or named(), START_TIMEOUT - age)
-    return read_file(os.path.join(d, INFO_FILE)) != seen
-
-
-def answers_now(seen, why):
-    """Ask the buckd that did not answer once more: maybe *we* were paused (Ctrl-Z, sleep)."""
-    return why[0] == NOT_USABLE and check_version(seen, RECHECK_TIMEOUT)[0] is not None
-
-
-def explain(d, seen, why):
-    """Why we start buckd, with how the last one ended; a crash is said, its logs kept."""
-    info = parse_info(seen)
-    if info and holder(d) is None:
-        keep_logs(d)
-        say(f"{DAEMON} crashed, see {crash_log(d, info['pid'])}")
-        end = how_it_ended(d) or "no record"
-        return VANISHED, f"{DAEMON} (pid {info['pid']}) crashed or vanished ({end})"
-    end = how_it_ended(d) if why[0] == NO_DAEMON else None
-    return why[0], why[1] + (f" (the last one, {end})" if end else "")
-
-
-def may_restart(seen, why):
-    """Fail on bad settings, on our own files changed on disk, or inside the buckd to kill."""
+def apply_settings(d, conn, reply):
+    """A setting this client gives (BUCKD_...) that buckd does not have is applied to it live,
+    and said in one line; never to the buckd that runs this command."""
+    given, now = daemon_settings(given_only=True), {}
+    for field in SETTINGS.values():
+        now[field[0]] = getattr(reply.settings, field[0])
+    changes = [f"{name} {now[field]:g} -> {given[field]:g} s" for name, (field, *_) in SETTINGS.items()
+               if field in given and given[field] != now[field]]
+    if not changes:
+        return
+    inside = buckd.runs_this_command(d)
+    step("settings", d, daemon_pid=reply.pid, changes=changes, applied=not inside)
+    if inside:
+        say(f"this command runs inside {DAEMON} (pid {reply.pid}): not changing {', '.join(changes)}")
+        return
     try:
-        daemon_settings()
-    except Fail as e:
-        raise Fail(f"{DAEMON} cannot start: {e}") from None
+        conn.configure({**now, **given})
+        say(f"{DAEMON} (pid {reply.pid}): {', '.join(changes)}, applied")
+    except grpc.RpcError as e:
+        say(f"{DAEMON} (pid {reply.pid}): could not apply {', '.join(changes)} ({rpc_error(e)})")
+
+
+# "To start/restart the buckd process, the client does:"
+def restart(d, isolation, seen, why):
+    """Steps 1-6, unless once we hold the lock buckd no longer needs them. `seen`: the bytes of
+    buckd.info that steps 1-3 failed on."""
+    with LifecycleLock(d):                  # 1. lock "lifecycle.lock"; 6. release it on leaving
+        wait_while_a_buckd_starts(d)
+        if read_file(os.path.join(d, INFO_FILE), os.O_NOFOLLOW) != seen:
+            return                          # another client restarted it meanwhile
+        if answers_when_asked_again(d, seen, why):
+            return                          # it was only us that were paused
+        refuse_to_restart_here(d, why)
+        why = report_crash(d, seen, why)    # said, and its logs kept in prev/
+        say(f"{'starting' if why.outcome in (NO_DAEMON, CRASHED) else 'restarting'} {DAEMON}: {why.text}")
+        kill_daemon(d, f"{DAEMON} was restarted by pid {os.getpid()}: {why.text}")   # 2-3. kill it
+        start_daemon(d, isolation, why)     # 4-5. run `buck daemon`, wait until it serves
+
+
+def wait_while_a_buckd_starts(d):
+    """Wait (START_TIMEOUT at most from its start) for a buckd that holds buckd.pid but is not
+    named in buckd.info yet: it is starting."""
+    pid = buckd.holder(d)
+    named = lambda: (buckd.read_info(d) or {}).get("pid") == pid
+    try:
+        age = time.time() - os.lstat(os.path.join(d, PID_FILE)).st_mtime
+    except OSError:
+        return
+    if pid and 0 <= age < START_TIMEOUT and not named():
+        poll(lambda: buckd.holder(d) != pid or named(), START_TIMEOUT - age)
+
+
+def answers_when_asked_again(d, seen, why):
+    """Ask a buckd that did not answer once more: maybe *we* were paused (Ctrl-Z, sleep)."""
+    return why.outcome == NOT_USABLE and check_version(d, seen, RECHECK_TIMEOUT)[0] is not None
+
+
+def refuse_to_restart_here(d, why):
+    """Fail if our own files changed on disk, or if this command runs inside the buckd to kill."""
     if checksum() != version():
         raise Fail(f"{TOOL}'s files changed on disk since this command started (an upgrade?): "
                    "run it again; killing nothing")
-    info = parse_info(seen)
-    if info and why[0] != VANISHED and os.environ.get(INSTANCE_ENV) == instance(info):
-        raise Fail(f"this command runs inside {DAEMON} (pid {info['pid']}), which it would have "
-                   f"to restart ({why[1]}): refusing to kill the {DAEMON} that runs it")
+    if buckd.runs_this_command(d):
+        raise Fail(f"this command runs inside {DAEMON} (pid {buckd.holder(d)}), which it would have "
+                   f"to restart ({why.text}): refusing to kill the {DAEMON} that runs it")
 
 
-def keep_logs(d):
-    """Move buckd.stdout, .stderr and .end into prev/, where they outlive the next start."""
-    os.makedirs(os.path.join(d, PREV_DIR), exist_ok=True)
-    for name in (STDOUT_FILE, STDERR_FILE, END_FILE):
-        if os.path.exists(os.path.join(d, name)):
-            os.replace(os.path.join(d, name), os.path.join(d, PREV_DIR, name))
-
-
-def crash_log(d, pid):
-    """Buckd `pid`'s stderr, found by the pid its first line names, and its last 20 lines."""
-    logs = [(path, read_file(path, -1) or b"") for path in
-            (os.path.join(d, STDERR_FILE), os.path.join(d, PREV_DIR, STDERR_FILE))]
-    path, text = next(((p, t) for p, t in logs if f" pid {pid} ".encode() in t[:200]), logs[0])
-    lines = text[-8192:].decode(errors="replace").splitlines()[-20:]
-    return shown(path) + "".join(f"\n  | {line}" for line in lines)
-
-
-def how_it_ended(d):
-    """How d's last buckd ended (its END_FILE, in d or prev/), in words; or None."""
-    for end in map(end_record, (d, os.path.join(d, PREV_DIR))):     # (prev/ only if need be)
-        if end.get("how"):
-            return f"pid {end['pid']} ended by {end['how']}: {end['why']}"
-        if end:
-            return f"pid {end['pid']} vanished without a word (SIGKILL, or out of memory?)"
-    return None
-
-
-def end_record(where):
-    """END_FILE in dir `where`: {"pid"}, and once that buckd ended "how" and "why"; or {}."""
-    import json
+def report_crash(d, seen, why):
+    """If the buckd that buckd.info names is gone without a recorded end, it crashed: say so with
+    its log, keep its logs in prev/, drop its buckd.info. Returns why we start buckd, in full."""
+    info, end = buckd.parse_info(seen), buckd.end_record(d)
+    gone = info and buckd.holder(d) is None
+    if why.outcome == NO_DAEMON or gone and end.get("pid") == info["pid"] and end.get("how") not in (None, "panic"):
+        last = buckd.how_it_ended(d, buckd.last_pid(d))     # (it may have ended just now: idle...)
+        return Why(NO_DAEMON, f"no {DAEMON} was running" + (f" (the last one, {last})" if last else ""))
+    if not gone:
+        return why
+    buckd.keep_logs(d)
+    say(f"{DAEMON} crashed, see {buckd.crash_log(d, info['pid'])}")
     try:
-        end = json.loads(read_file(os.path.join(where, END_FILE)) or b"")
-        return end if type(end) is dict and type(end.get("pid")) is int else {}
-    except (ValueError, RecursionError):
-        return {}
+        os.unlink(os.path.join(d, INFO_FILE))      # said once: the next client starts afresh
+    except OSError:
+        pass
+    ended = buckd.how_it_ended(d, info["pid"]) or "no record"
+    return Why(CRASHED, f"{DAEMON} (pid {info['pid']}) crashed or vanished ({ended})")
 
 
-# "When the client is killing or starting the buckd process, it will grab an exclusive lock
-# on the "lifecycle.lock" file in the daemon directory"
-class lifecycle_lock:
-    """The flock a client holds to kill or start buckd; it names its holder inside."""
+# Correctness 2, "Only a single client is killing/starting a buckd at a time": "When the client
+# is killing or starting the buckd process, it will grab an exclusive lock on the
+# "lifecycle.lock" file". A flock: the kernel releases it when its holder dies, however.
+class LifecycleLock:
+    """lifecycle.lock, open; `with` it: held (restart's steps 1 and 6). Its holder's words are in it."""
 
     def __init__(self, d):
-        self.d = d
-
-    def __enter__(self):
-        os.makedirs(self.d, exist_ok=True)
-        self.fd = open_file(os.path.join(self.d, LOCK_FILE), os.O_RDWR | os.O_CREAT)
-        if not poll(self.take, LOCK_PATIENCE):
-            whom = shown(os.pread(self.fd, 200, 0).decode(errors="replace").strip())
-            say(f"waiting for another {TOOL} client to finish starting or killing {DAEMON}: {whom}")
-            if not poll(self.take, LOCK_TIMEOUT):
-                os.close(self.fd)
-                raise Fail(f"timed out after {LOCK_TIMEOUT:.0f} s waiting for {LOCK_FILE} (held by: {whom})")
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()}: {command_line()}\n".encode(), 0)
-        trace["locked"] = True      # first: a Ctrl-C from here on still logs restart.6
-        step("restart.1")
+        self.d, self.path = owned(d), os.path.join(d, LOCK_FILE)
+        os.makedirs(d, exist_ok=True)
+        self.fd = open_file(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):     # (a FIFO, a device: no lock to take)
+            os.close(self.fd)
+            raise OSError(0, "not a regular file", self.path)
 
     def take(self):
+        """Take the lock if it is free; never wait."""
         import fcntl
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -598,47 +619,91 @@ class lifecycle_lock:
         except BlockingIOError:
             return False
 
+    def holder_words(self):
+        return printable(os.pread(self.fd, 200, 0).decode(errors="replace").strip())
+
+    def __enter__(self):
+        if not poll(self.take, LOCK_PATIENCE):
+            say(f"waiting for another {TOOL} client to finish starting or killing {DAEMON}: {self.holder_words()}")
+            if not poll(self.take, LOCK_TIMEOUT):
+                whom = self.holder_words()
+                os.close(self.fd)
+                raise Fail(f"timed out after {LOCK_TIMEOUT:.0f} s waiting for {LOCK_FILE} (held by: {whom})")
+        self.taken()
+        return self
+
+    def taken(self):
+        """Write who holds it, for those who wait; log restart.1."""
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()}: {command_line()}\n".encode(), 0)
+        held_locks.add(self.d)      # first: a Ctrl-C from here on still logs restart.6
+        step("restart.1", self.d)
+
     def __exit__(self, *exception):
-        step("restart.6")
-        trace["locked"] = False
+        step("restart.6", self.d)
+        held_locks.discard(self.d)
         os.close(self.fd)           # our only fd of it: closing it releases the flock
 
 
 def command_line():
-    return shown(" ".join([TOOL, *sys.argv[1:]]))
+    return printable(" ".join([TOOL, *sys.argv[1:]]))
 
 
 def kill_daemon(d, reason):
-    """Steps 2-3: ask buckd to exit, then see it gone by pid (SIGTERM, then SIGKILL)."""
+    """Steps 2-3 in one daemon dir: the pid killed, or None if no buckd ran."""
+    killed, left = kill_daemons([d], reason)
+    if left:
+        raise Fail(left[d])
+    return killed[d]
+
+
+def kill_daemons(dirs, reason):
+    """Steps 2-3 in each dir at once: ask its buckd to exit, then see it gone by pid (SIGTERM,
+    then SIGKILL). Returns ({dir: pid killed, or None}, {dir: why its buckd still runs})."""
     import signal
-    pid = holder(d)
-    step("restart.2", daemon_pid=pid, reason=reason)
-    if pid is None:
-        return None
-    info, how = read_info(d), "rpc"
-    if not (info and info["pid"] == pid and Connection(info).kill(reason)):
-        how = "sigterm"             # the same request, as a signal: buckd exits cleanly
-        signal_buckd(d, pid, signal.SIGTERM, reason)
-    gone = lambda: holder(d) != pid
-    if not poll(gone, EXIT_TIMEOUT):
-        how = "sigkill"
-        signal_buckd(d, pid, signal.SIGKILL, reason)
-        if not poll(gone, EXIT_TIMEOUT):
-            raise Fail(f"could not kill {DAEMON} (pid {pid})")
-        if (read_info(d) or {}).get("pid") == pid:     # it could not remove its buckd.info: we do
-            os.unlink(os.path.join(d, INFO_FILE))
-    step("restart.3", daemon_pid=pid, how=how)
-    return pid
+    running, calls = {}, {}
+    for d in dirs:
+        pid = running[d] = buckd.holder(d)
+        step("restart.2", d, daemon_pid=pid, reason=reason)
+        info = buckd.read_info(d)
+        if pid is not None and info and info["pid"] == pid:
+            calls[d] = Connection(info).kill(reason)        # all under way at once
+    running = {d: pid for d, pid in running.items() if pid is not None}
+    how = {d: "rpc" for d, call in calls.items() if call.exception() is None}
+    for d in running.keys() - how.keys():   # the same request, as a signal: buckd exits cleanly
+        how[d] = "sigterm"
+        signal_buckd(d, running[d], signal.SIGTERM, reason)
+    left = still_running(running)
+    for d in left:                          # the last resort
+        how[d] = "sigkill"
+        signal_buckd(d, running[d], signal.SIGKILL, reason)
+    left = still_running({d: running[d] for d in left})
+    for d, pid in running.items():
+        if d not in left and how[d] == "sigkill" and (buckd.read_info(d) or {}).get("pid") == pid:
+            os.unlink(os.path.join(d, INFO_FILE))   # it could not remove its buckd.info: we do
+        if d not in left:
+            step("restart.3", d, daemon_pid=pid, how=how[d])
+    killed = {d: running.get(d) for d in dirs if d not in left}
+    return killed, {d: f"could not kill {DAEMON} (pid {running[d]})" for d in left}
+
+
+def still_running(running):
+    """The dirs of `running` ({dir: pid}) whose buckd still holds buckd.pid after EXIT_TIMEOUT."""
+    left = lambda: [d for d, pid in running.items() if buckd.holder(d) == pid]
+    poll(lambda: not left(), EXIT_TIMEOUT)
+    return left()
 
 
 def signal_buckd(d, pid, sig, reason):
     """Record who kills pid and why, then signal it, only if it holds buckd.pid's lock."""
-    if pid > 1 and pid != os.getpid() and holder(d) == pid:
-        if end_record(d).get("how") in (None, "kill"):     # (unless buckd has said how it ends)
+    import signal
+    if pid > 1 and pid != os.getpid() and buckd.holder(d) == pid:
+        if buckd.end_record(d).get("how") in (None, "kill"):   # (unless buckd has said how it ends)
             end = {"pid": pid, "how": "kill", "why": f"{reason} ({sig.name})"}
-            write_json(os.path.join(d, END_FILE), end)     # (a signal does not say who, or why)
+            write_json(os.path.join(d, END_FILE), end)        # (a signal does not say who, or why)
         try:
             os.kill(pid, sig)
+            os.kill(pid, signal.SIGCONT)    # a stopped buckd acts on it now
         except ProcessLookupError:
             pass                    # it has just exited
 
@@ -646,7 +711,7 @@ def signal_buckd(d, pid, sig, reason):
 def start_daemon(d, isolation, why):
     """Steps 4-5: run `buck daemon` (why in its env) until buckd serves; exit 3, a kill: retry."""
     import subprocess
-    told = f"{why[1]} (by pid {os.getpid()}: {command_line()})"
+    told = f"{why.text} (by pid {os.getpid()}: {command_line()})"
     argv = [sys.executable, os.path.realpath(__file__), "--isolation-dir", isolation, "daemon"]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env={**os.environ, STARTED_ENV: told})
@@ -657,10 +722,10 @@ def start_daemon(d, isolation, why):
         proc.kill()
         proc.wait()
         kill_daemon(d, "it did not start in time")
-        raise Fail(f"{DAEMON} did not start within {START_TIMEOUT:.0f} s, see {crash_log(d, None)}")
-    step("restart.4", exit=proc.returncode, why=why[1])
+        raise Fail(f"{DAEMON} did not start within {START_TIMEOUT:.0f} s, see {buckd.crash_log(d, None)}")
+    step("restart.4", d, exit=proc.returncode, why=why.text)
     if proc.returncode == 0:
-        step("restart.5", daemon_pid=holder(d))
+        step("restart.5", d, daemon_pid=buckd.holder(d))
     elif proc.returncode > 0 and proc.returncode != EXIT_ALREADY_RUNNING:
         said = (err.decode(errors="replace").strip().splitlines() or ["no reason given"])[-1]
         raise Fail(f"{DAEMON} failed to start: {said.removeprefix(f'{TOOL}: ')}")
@@ -671,46 +736,65 @@ def start_daemon(d, isolation, why):
 def cmd_kill(isolation, options):
     """`buck kill`: steps 1-3 and 6 of "start/restart"; the user's word, even from inside buckd."""
     d = daemon_dir(isolation)
-    with lifecycle_lock(d):
+    with LifecycleLock(d):
         pid = kill_daemon(d, f"`{TOOL} kill` was invoked by pid {os.getpid()}")
     out(f"{DAEMON} killed (pid {pid})\n" if pid is not None else f"no {DAEMON} running\n")
     return 0
 
 
 def cmd_killall(isolation, options):
-    """`buck killall`: `kill` in every daemon dir, but never the buckd running us."""
-    failures = 0
-    for d in all_daemon_dirs():
-        trace["dir"] = d
+    """`buck killall`: every buckd of yours, all at once, in about KILLALL_PATIENCE + KILL_TIMEOUT
+    + 2 EXIT_TIMEOUT; never the buckd running us, nor one whose lifecycle.lock another client
+    holds (it may be starting it). What it leaves, it names, and exits 1."""
+    dirs, unread = buckd.all_daemon_dirs()
+    left, locks = [(d, f"cannot read it: {why}") for d, why in unread], {}
+    for d in dirs:
         try:
-            with lifecycle_lock(d):
-                info = read_info(d)
-                if holder(d) is None or info and os.environ.get(INSTANCE_ENV) == instance(info):
-                    continue
-                pid = kill_daemon(d, f"`{TOOL} killall` was invoked by pid {os.getpid()}")
-            out(f"{DAEMON} killed (pid {pid}) in {shown(d)}\n")
+            if buckd.holder(d) is not None and not buckd.runs_this_command(d):
+                locks[d] = LifecycleLock(d)
         except (Fail, OSError) as e:
-            say(f"{shown(d)}: {e}")
-            failures += 1
-    return EXIT_FAILED if failures else 0
+            left.append((d, str(e)))
+    poll(lambda: all([lock.take() for lock in locks.values()]), KILLALL_PATIENCE)
+    for d, lock in list(locks.items()):
+        if lock.take():
+            lock.taken()
+        else:
+            left.append((d, f"another {TOOL} client holds its {LOCK_FILE}: {lock.holder_words()}"))
+            os.close(locks.pop(d).fd)
+    try:
+        killed, failed = kill_daemons(list(locks), f"`{TOOL} killall` was invoked by pid {os.getpid()}")
+    finally:
+        for lock in locks.values():
+            lock.__exit__()
+    for d, pid in killed.items():
+        if pid is not None:
+            out(f"{DAEMON} killed (pid {pid}) in {printable(d)}\n")
+    for d, why in left + list(failed.items()):
+        say(f"{printable(d)}: {why}, left as it is")
+    return EXIT_FAILED if left or failed else 0
 
 
 def cmd_server(isolation, options):
-    return print_status([status_fields(connect(daemon_dir(isolation), isolation)[1])], options)
+    conn, reply = next(connect(owned(daemon_dir(isolation)), isolation))
+    return print_status([status_fields(reply)], options)
 
 
 def cmd_status(isolation, options):
     """Report buckd (--all: every one, asked at once), whatever its version; start none."""
     every = "all" in options
-    asked = [(d, *ask_status(d)) for d in (all_daemon_dirs() if every else [daemon_dir(isolation)])]
+    dirs, unread = buckd.all_daemon_dirs() if every else ([daemon_dir(isolation)], [])
+    asked = [(d, *ask_status(d)) for d in dirs]
     rows = [status_row(*row, patience=0 if every else EXIT_TIMEOUT) for row in asked]
     if not every and rows[0]["state"] not in ("running", "dead", "none"):
         raise Fail(f"{DAEMON} (pid {rows[0]['pid']}) is {rows[0]['state']}")
-    return print_status([row for row in rows if row["state"] != "none" or not every], options, every)
+    print_status([row for row in rows if row["state"] != "none" or not every], options, every)
+    for d, why in unread:
+        say(f"{printable(d)}: cannot read it: {why}")
+    return EXIT_FAILED if unread else 0
 
 
 def ask_status(d):
-    pid, info = holder(d), read_info(d)
+    pid, info = buckd.holder(d), buckd.read_info(d)
     return pid, info, Connection(info).status() if info and info["pid"] == pid else None
 
 
@@ -720,16 +804,25 @@ def status_row(d, pid, info, call, patience):
         try:
             return status_fields(call.result())
         except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.UNAVAILABLE or not poll(lambda: holder(d) != pid, patience):
+            exiting = e.code() == grpc.StatusCode.UNAVAILABLE
+            if not exiting or not poll(lambda: buckd.holder(d) != pid, patience):
                 return {"daemon_dir": d, "pid": pid, "state": f"not responding: {rpc_error(e)}"}
             pid = None              # it was shutting down, and now it is gone
-    state = f"starting, not named in {INFO_FILE} yet" if pid is not None else "dead" if info else "none"
-    return {"daemon_dir": d, "pid": (info or {}).get("pid") if pid is None else pid, "state": state,
-            "previous_end": how_it_ended(d) or ""}
+    if pid is not None:
+        return {"daemon_dir": d, "pid": pid, "state": f"starting, not named in {INFO_FILE} yet"}
+    last = buckd.last_pid(d)
+    return {"daemon_dir": d, "pid": info["pid"] if info else last, "state": "dead" if info else "none",
+            "previous_end": buckd.how_it_ended(d, last) or ""}
 
 
 def status_fields(reply):
-    fields = {n: getattr(reply, n) for n in reply.DESCRIPTOR.fields_by_name if n != "figures"}
+    """A Status reply as `status --json` shows it: numbers stay numbers."""
+    fields = {n: getattr(reply, n) for n in reply.DESCRIPTOR.fields_by_name
+              if n not in ("figures", "settings", "commands")}
+    fields["check_interval_s"] = reply.settings.check_interval_s
+    fields["idle_timeout_s"] = reply.settings.idle_timeout_s
+    fields["commands"] = [{"args": list(c.argv), "client_pid": c.client_pid, "running_s": c.running_s}
+                          for c in reply.commands]
     return {"state": "running", **fields, **dict(reply.figures)}
 
 
@@ -740,31 +833,63 @@ def print_status(rows, options, every=False):
     elif every:
         out("".join(status_line(row) + "\n" for row in rows) or f"no {DAEMON} running\n")
     elif rows[0]["state"] == "running":
-        out(f"{DAEMON} is running" + "".join(f"\n  {k}: {v}" for k, v in rows[0].items() if k != "state") + "\n")
+        row = rows[0]
+        shown = [f"\n  {key.removesuffix('_s').removesuffix('_bytes')}: {for_people(key, value)}"
+                 for key, value in row.items() if key not in ("state", "uptime_s", "idle_s")]
+        header = f"{DAEMON} is running, up {duration(row['uptime_s'])}, idle {duration(row['idle_s'])}"
+        out(header + "".join(shown) + "\n")
     else:
         end = rows[0]["previous_end"]
         out(f"no {DAEMON} running\n" + (f"the last one, {end}\n" if end else ""))
     return 0
 
 
+def for_people(key, value):
+    """A status field as a person reads it: "3 min", local times, MiB, commands a line each."""
+    if key == "start_time":
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    if key == "idle_timeout_s" and not value:
+        return "never"
+    if key == "cpu_s":
+        return f"{value:.2f} s"
+    if key.endswith("_s"):
+        return duration(value)
+    if key.endswith("_bytes"):
+        return f"{value / 2**20:.1f} MiB"
+    if key == "commands":
+        return "".join(f"\n    pid {c['client_pid']}, for {duration(c['running_s'])}: "
+                       f"{printable(' '.join(c['args']))}" for c in value) or "none"
+    return value
+
+
+def duration(seconds):
+    """Seconds as people say them: 9 s, 3 min, 5 h, 2 days."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
 def status_line(row):
+    """A line of `status --all`."""
     if row["state"] != "running":
-        return f"{shown(row['daemon_dir'])}: {row['state']} (pid {row['pid']})"
-    return (f"{shown(row['daemon_dir'])}: pid {row['pid']}, version {row['version']}, "
-            f"up {row['uptime_s']:.0f} s, {row['active_commands']} running, idle {row['idle_s']:.0f} s, "
-            f"started because: {row['started_because']}")
+        return f"{printable(row['daemon_dir'])}: {row['state']} (pid {row['pid']})"
+    running = "".join(f"; pid {c['client_pid']} runs {printable(' '.join(c['args']))}" for c in row["commands"])
+    return (f"{printable(row['daemon_dir'])}: pid {row['pid']}, version {row['version']}, "
+            f"up {duration(row['uptime_s'])}, {row['active_commands']} running, idle {duration(row['idle_s'])}, "
+            f"started because: {row['started_because']}{running}")
 
 
 def run_command(d, isolation, name, operands, options):
-    """Send a command to buckd on the checked connection; resend only until it is accepted."""
+    """Send a command to a buckd whose version we checked; resend only until one accepts it."""
     import queue
     import threading
     load_grpc()
     refusals = {grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE, grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_FAILED}
-    request = pb.CommandRequest(name=name, args=[os.fsencode(a) for a in operands],
-                                options=options, cwd=os.fsencode(os.getcwd()))
-    for _ in range(ATTEMPTS):
-        conn, reply = connect(d, isolation)
+    request = pb.CommandRequest(name=name, args=[os.fsencode(a) for a in operands], options=options,
+                                cwd=os.fsencode(os.getcwd()), client_pid=os.getpid(),
+                                argv=[os.fsencode(word) for word in [TOOL, *sys.argv[1:]]])
+    for conn, reply in connect(d, isolation):       # (each a new connection: see ATTEMPTS)
         accepted, events = threading.Event(), queue.Queue()
         stream = conn.stub.Command(handshake(request, accepted), metadata=conn.metadata)
         threading.Thread(target=read_stream, args=(stream, events), daemon=True).start()
@@ -778,9 +903,12 @@ def run_command(d, isolation, name, operands, options):
         stream.cancel()             # buckd went away before it accepted: it ran nothing
         if isinstance(event, grpc.Call) and event.code() in refusals:
             raise Fail(f"{DAEMON} refused the command: {event.details()}", refusals[event.code()])
-    else:
-        raise Fail(f"{DAEMON} did not accept the command")
-    step("command", daemon_pid=reply.pid, name=name)
+    step("command", d, daemon_pid=reply.pid, name=name)
+    return show_events(d, reply.pid, events)
+
+
+def show_events(d, pid, events):
+    """Write a running command's output as it comes; its exit code, or fail saying why it ended."""
     while isinstance(event := events.get(), pb.CommandEvent):
         kind = event.WhichOneof("event")
         if kind == "stdout":
@@ -793,8 +921,8 @@ def run_command(d, isolation, name, operands, options):
             raise Fail(f"{DAEMON} shut down during the command: {event.shutdown}")
     if event is None:
         raise Fail(f"{DAEMON} ended the command without an exit code")
-    raise Fail(f"lost {DAEMON} (pid {reply.pid}) during the command ({rpc_error(event)}); "
-               f"it crashed or was killed, see {crash_log(d, reply.pid)}")
+    raise Fail(f"lost {DAEMON} (pid {pid}) during the command ({rpc_error(event)}); "
+               f"it crashed or was killed, see {buckd.crash_log(d, pid)}")
 
 
 def read_stream(stream, events):
@@ -816,8 +944,9 @@ def handshake(request, accepted):
 
 LOCAL_COMMANDS = {"status": cmd_status, "server": cmd_server, "kill": cmd_kill, "killall": cmd_killall}
 
+
 def entry():
-    """`python buck.py ...` and a vendored launcher: run main, exit with its code."""
+    """`python buck.py ...`, and a vendored launcher: run main, exit with its code."""
     try:
         code = main(sys.argv[1:])
     except KeyboardInterrupt:

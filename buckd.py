@@ -1,27 +1,180 @@
 # SPDX-License-Identifier: MIT OR Apache-2.0. Upstream file of buckd: replace it on upgrade, never edit it.
-"""buckd, the buck daemon: "daemon process flow" of daemon_lifecycle.md (link: buck.py), in its
-order: `buck daemon` daemonizes (main); buckd locks buckd.pid, redirects its output, serves the
-DaemonApi, writes buckd.info (run), until one of the ways to shut down (serve)."""
-import fcntl, hmac, os, select, signal, stat, sys, threading, time, traceback
-from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
+"""buckd, the buck daemon, and the files of its daemon dir, after daemon_lifecycle.md (link:
+buck.py). First the files, as buckd writes them and clients read them; then "daemon process
+flow" in its order: `buck daemon` daemonizes (main); buckd locks buckd.pid, redirects its
+output, serves the DaemonApi, writes buckd.info (run), until one of the ways to shut down (serve)."""
+import fcntl, os, select, signal, stat, sys, threading, time
 
 import buck
-from buck import DAEMON, INFO_FILE, PID_FILE, STDERR_FILE, STDOUT_FILE, TOOL, step
+from buck import (DAEMON, END_FILE, INFO_FILE, PID_FILE, PREV_DIR, STDERR_FILE, STDOUT_FILE,
+                  TOOL, printable)
 
 GRACE = 2.0             # seconds running commands get, at shutdown, to say why they end
 MAX_COMMANDS = 256      # commands running at once; one more is refused: buckd is busy
 SPARE_THREADS = 16      # server threads beyond those: Status and Kill never queue
+NOFOLLOW = os.O_NOFOLLOW    # every file of a daemon dir: a planted symlink is refused, not followed
 grpc = pb = None        # imported after daemonizing: grpc must not cross a fork
-ours = {}               # "dir": the daemon dir, once we hold its buckd.pid
 
 
-# "The daemon process is started with the (hidden) `buck daemon` command."
+# --- The daemon dir's files: buckd.pid, buckd.info, buckd.end, the logs and prev/
+
+def holder(d):
+    """The running buckd's pid: who holds buckd.pid's lock, as the kernel says; or None."""
+    import struct
+    linux = sys.platform.startswith("linux")    # struct flock's form differs on macOS, BSD
+    form = "hhqqi" if linux else "qqihh"
+    query = (fcntl.F_WRLCK, 0, 0, 0, 0) if linux else (0, 0, 0, fcntl.F_WRLCK, 0)
+    try:
+        fd = buck.open_file(os.path.join(d, PID_FILE), os.O_RDONLY | NOFOLLOW)
+        try:
+            answer = struct.unpack(form, fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(form, *query)))
+        finally:
+            os.close(fd)
+    except OSError:                 # no file, a link, none one can lock (a FIFO): no buckd holds it
+        return None
+    kind, pid = (answer[0], answer[4]) if linux else (answer[3], answer[2])
+    return None if kind == fcntl.F_UNLCK else pid
+
+
+def named_pid(text):
+    """The pid that buckd.pid's text names (the last buckd to lock it), or None."""
+    word = (text or b"").split(b"\n")[0]
+    return int(word) if word.isdigit() and len(word) < 10 else None
+
+
+def read_info(d):
+    """buckd.info as a dict, or None if it is not a complete, valid one, whatever is wrong."""
+    return parse_info(buck.read_file(os.path.join(d, INFO_FILE), NOFOLLOW))
+
+
+def parse_info(raw):
+    import json
+    try:
+        info = json.loads(raw or b"")
+        fields = (("pid", int), ("port", int), ("version", str), ("auth_token", str))
+        if all(type(info.get(key)) is kind for key, kind in fields) and 0 < info["port"] < 65536 \
+                and info["auth_token"].isascii() and info["auth_token"].isalnum():
+            return info
+    except (ValueError, RecursionError, AttributeError):
+        pass
+    return None
+
+
+def instance(pid, start_time):
+    """The mark buckd gives the processes it runs (INSTANCE_ENV): its pid, and when it started."""
+    return f"{pid}@{start_time!r}"
+
+
+def runs_this_command(d):
+    """Is d's buckd (the proven holder of buckd.pid) the one this command runs inside? Its pid
+    says, and its start time too where buckd.info names it."""
+    pid, mark, info = holder(d), os.environ.get(buck.INSTANCE_ENV, ""), read_info(d)
+    if pid is None or mark.partition("@")[0] != str(pid):
+        return False
+    return not info or info["pid"] != pid or mark == instance(pid, info.get("start_time"))
+
+
+def end_record(where):
+    """END_FILE in dir `where`, as this release writes it: {"pid"} while that buckd runs, then
+    also "how" and "why"; anything else ({}) is no record."""
+    import json
+    try:
+        end = json.loads(buck.read_file(os.path.join(where, END_FILE), NOFOLLOW) or b"")
+    except (ValueError, RecursionError):
+        return {}
+    kinds = {"pid": int, "how": str, "why": str}
+    if type(end) is not dict or type(end.get("pid")) is not int or set(end) - set(kinds):
+        return {}
+    if len(end) == 2 or any(type(end[key]) is not kind for key, kind in kinds.items() if key in end):
+        return {}
+    return end
+
+
+def how_it_ended(d, last):
+    """How buckd `last` (the pid buckd.pid names, if known) ended, in words, from its END_FILE
+    in d or prev/; None if no buckd is known."""
+    ends = [end for end in map(end_record, (d, os.path.join(d, PREV_DIR)))
+            if end and last in (None, end["pid"])]
+    if ends and "how" in ends[0]:
+        return f"pid {ends[0]['pid']} ended by {printable(ends[0]['how'])}: {printable(ends[0]['why'])}"
+    if ends or last:
+        return f"pid {last or ends[0]['pid']} vanished without a word (SIGKILL, or out of memory?)"
+    return None
+
+
+def last_pid(d):
+    return named_pid(buck.read_file(os.path.join(d, PID_FILE), NOFOLLOW))
+
+
+def keep_logs(d):
+    """Move buckd.stdout, .stderr and .end into prev/, where they outlive the next start; what
+    cannot be moved stays (keeping old logs is never a condition for starting)."""
+    for name in (STDOUT_FILE, STDERR_FILE, END_FILE):
+        try:
+            os.makedirs(os.path.join(d, PREV_DIR), exist_ok=True)
+            os.replace(os.path.join(d, name), os.path.join(d, PREV_DIR, name))
+        except OSError:
+            pass
+
+
+def crash_log(d, pid):
+    """Buckd `pid`'s stderr (found by the pid its first line names) and its last 20 lines."""
+    paths = (os.path.join(d, STDERR_FILE), os.path.join(d, PREV_DIR, STDERR_FILE))
+    path = next((p for p in paths if f" pid {pid} ".encode() in (buck.read_file(p, NOFOLLOW, 200) or b"")),
+                paths[0])
+    try:
+        fd = buck.open_file(path, os.O_RDONLY | NOFOLLOW)
+        try:
+            tail = os.pread(fd, 8192, max(0, os.fstat(fd).st_size - 8192))    # never the whole log
+        finally:
+            os.close(fd)
+    except OSError:
+        tail = b""
+    lines = tail.decode(errors="replace").splitlines()[-20:]
+    return printable(path) + "".join(f"\n  | {line}" for line in lines)
+
+
+# "There are 3 ways that the buckd process will shutdown"; the records say which one it was.
+def record_end(api, how, why):
+    """Record in END_FILE how we end, if it still names us without an end (not a client that
+    signalled us and said why, nor a newer buckd)."""
+    try:
+        end = end_record(api.dir)
+        if end.get("pid") == os.getpid() and "how" not in end:
+            buck.write_json(os.path.join(api.dir, END_FILE), {"pid": os.getpid(), "how": how, "why": why})
+    except OSError:
+        pass
+
+
+def all_daemon_dirs():
+    """([every daemon dir of the user], [(a dir that could not be read, why)]): each dir under
+    the daemons' home with a buckd.pid or buckd.info, symlinked folders followed once."""
+    found, unread, seen, todo = [], [], set(), [buck.daemons_home()]
+    while todo:
+        d = todo.pop()
+        try:
+            st = os.stat(d)
+            with os.scandir(d) as listing:
+                entries = list(listing)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            unread.append((d, e.strerror))
+            continue
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            found += [d] if {PID_FILE, INFO_FILE} & {e.name for e in entries} else []
+            todo += [e.path for e in entries if e.is_dir()]
+    return sorted(found), unread
+
+
+# --- "daemon process flow". "The daemon process is started with the (hidden) `buck daemon` command."
 def main(d, root):
     """`buck daemon`: start buckd; 0 once it serves, 3 if one runs, 2 bad setting, else 1."""
-    interval, idle = buck.daemon_settings()
+    settings = buck.daemon_settings()
     why = os.environ.pop(buck.STARTED_ENV, f"started by hand (`{TOOL} daemon`, by pid {os.getppid()})")
-    buck.trace["role"] = "daemon"
+    for name in buck.SETTINGS:      # what we run inherits none: a setting is live (Configure)
+        os.environ.pop(name, None)
     os.makedirs(d, exist_ok=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # a Ctrl-C meant for our client must not
     read_end, write_end = os.pipe()                 # stop the buckd it starts
@@ -36,10 +189,11 @@ def main(d, root):
         return int(code)
     os.close(read_end)
     daemonize(f"{DAEMON}[{os.path.basename(root)}]")
+    api = DaemonApi(d, root, settings, why)
     try:
-        os._exit(run(d, root, interval, idle, why, ready=write_end))
+        os._exit(run(api, ready=write_end))
     except BaseException as e:
-        panic(e)
+        panic(api, e)
 
 
 def daemonize(name):
@@ -49,105 +203,59 @@ def daemonize(name):
         os._exit(0)                 # not a session leader: can never acquire a terminal
     os.chdir("/")                   # keep no directory busy
     os.umask(0o077)                 # every file we create is private
-    try:                            # our name in `ps` and `top`, which our threads inherit
-        import ctypes               # (Linux: PR_SET_NAME, 15 bytes; elsewhere we stay python)
-        ctypes.CDLL(None).prctl(15, os.fsencode(name)[:15], 0, 0, 0)
+    try:                            # our name in `ps` and `top` (15 bytes, whole characters)
+        import ctypes               # (Linux: PR_SET_NAME; elsewhere we stay python)
+        short = printable(name).encode()[:15].decode(errors="ignore").encode()
+        ctypes.CDLL(None).prctl(15, short, 0, 0, 0)
     except (OSError, AttributeError):
         pass
 
 
-def run(d, root, interval, idle, why, ready):
+def run(api, ready):
     """buckd from start to exit, as "daemon process flow" tells it."""
-    wake = watch_signals()
     try:
-        pid_fd = lock_pid_file(d)               # "write its pid to a locked file buckd.pid"
-        step("daemon.locked")
-        redirect_stdio(d)                       # "It redirects its stdout and stderr to files"
-        previous = log_start(d, why)
-        server, api = start_server(d, wake[1], why, previous)   # "starts up the DaemonApi"
-        info_id = write_info(d, api)            # "write the port ... to the buckd.info file"
+        lock_pid_file(api)                      # "write its pid to a locked file buckd.pid"
+        step(api, "daemon.locked")
+        record_start(api)
+        redirect_stdio(api)                     # "It redirects its stdout and stderr to files"
+        server = start_server(api)              # "starts up the grpc DaemonApi server"
+        write_info(api)                         # "write the port ... to the buckd.info file"
     except OSError as e:
-        return startup_failed(d, ready, e)
-    step("daemon.serving", port=api.port)
+        return startup_failed(api, ready, e)
+    step(api, "daemon.serving", port=api.port)
     log(f"serving on 127.0.0.1:{api.port}")
-    tell(ready, 0, "")                          # "Once that is done, the server is ready"
-    how, reason = serve(api, d, root, pid_fd, info_id, wake[0], interval, idle)
+    report_ready(ready, 0, "")                  # "Once that is done, the server is ready"
+    how, reason = serve(api)
     api.shutdown(reason)
-    step("daemon.shutdown", reason=reason, path=how)
+    step(api, "daemon.shutdown", reason=reason, path=how)
     log(f"shutting down ({how}): {reason}")
-    record_end(how, reason)
+    record_end(api, how, reason)
     server.stop(GRACE).wait()                   # running commands get to say why they end
-    if still_ours(INFO_FILE, info_id):
-        os.unlink(os.path.join(d, INFO_FILE))
-    step("daemon.exit")
+    remove_info(api)
+    step(api, "daemon.exit")
     return 0
 
 
-def startup_failed(d, ready, e):
+def step(api, name, **fields):
+    buck.step(name, api.dir, role="daemon", refuse=api.pid_stat, **fields)
+
+
+def startup_failed(api, ready, e):
     """Tell `buck daemon` why buckd cannot start (3: another holds buckd.pid: "only a single")."""
-    if ours:                                    # (we hold buckd.pid: the log must say we end)
-        step("daemon.shutdown", reason=str(e), path="startup")
-        step("daemon.exit")
-    elif (pid := buck.holder(d)) is not None:
-        return tell(ready, buck.EXIT_ALREADY_RUNNING,
-                    f"{DAEMON} is already running for {buck.shown(d)} (pid {pid})")
-    return tell(ready, buck.EXIT_FAILED, f"{DAEMON} cannot {'start' if ours else 'lock'} "
-                f"{buck.shown(e.filename or '?')}: {e.strerror}")
+    problem = f"{printable(e.filename)}: {e.strerror}" if e.filename else str(e)
+    if api.pid_stat is None and (pid := holder(api.dir)) is not None:
+        return report_ready(ready, buck.EXIT_ALREADY_RUNNING,
+                            f"{DAEMON} is already running for {printable(api.dir)} (pid {pid})")
+    if api.pid_stat is not None:                # we hold buckd.pid: the records say we end
+        step(api, "daemon.shutdown", reason=problem, path="startup")
+        record_end(api, "startup failure", problem)
+        remove_info(api)
+        step(api, "daemon.exit")
+    verb = "lock" if api.pid_stat is None else "start"
+    return report_ready(ready, buck.EXIT_FAILED, f"{DAEMON} cannot {verb}: {problem}")
 
 
-def watch_signals():
-    """SIGTERM, SIGINT wake serve() by a pipe, as Kill does (a handler can run under any lock)."""
-    wake = os.pipe()
-    for fd in wake:
-        os.set_blocking(fd, False)
-    signal.set_wakeup_fd(wake[1])
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    return wake
-
-
-# "write its pid to a locked file "buckd.pid" ... locked exclusively by the daemon process
-# until it exits". A POSIX record lock, so that clients can ask the kernel who holds it
-# (buck.holder); it drops when we close *any* fd of the file: buck.open_file refuses it.
-def lock_pid_file(d):
-    """Lock buckd.pid, then write our pid in it (truncate only once locked)."""
-    fd = buck.open_file(os.path.join(d, PID_FILE), os.O_RDWR | os.O_CREAT)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(0, "not a regular file", os.path.join(d, PID_FILE))
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)                # we hold no lock on it: closing it drops nothing
-        raise
-    ours["dir"] = d
-    buck.own_pid_file = os.fstat(fd)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def redirect_stdio(d):
-    """"It redirects its stdout and stderr to files"; the last buckd's move to prev/."""
-    buck.keep_logs(d)
-    new = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, os.path.join(d, STDOUT_FILE), new),
-                            (2, os.path.join(d, STDERR_FILE), new)):
-        opened = buck.open_file(path, flags)
-        os.dup2(opened, fd)
-        os.close(opened)
-    sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # (or None)
-
-
-def log_start(d, why):
-    """Log (first line: our pid) and record in END_FILE that we run; return how the last ended."""
-    previous = buck.how_it_ended(d) or "none known"
-    log(f"{DAEMON} pid {os.getpid()} version {buck.version()} starting in {d}")
-    log(f"started because: {why}; the previous {DAEMON}: {previous}")
-    buck.write_json(os.path.join(d, buck.END_FILE), {"pid": os.getpid()})
-    return previous
-
-
-def tell(ready, code, message):
+def report_ready(ready, code, message):
     """Give `buck daemon` its exit code and message; if it is gone, carry on."""
     try:
         os.write(ready, f"{code} {message}".encode(errors="backslashreplace"))
@@ -157,87 +265,154 @@ def tell(ready, code, message):
     return code
 
 
-def write_info(d, api):
+# Correctness 1, "Only a single buckd is running at a time": buckd.pid is "locked exclusively
+# by the daemon process until it exits". A POSIX record lock, so that clients can ask the
+# kernel who holds it (holder); it drops when we close *any* fd of the file: so buck.open_file
+# refuses that file in buckd (api.pid_stat), whatever its name.
+def lock_pid_file(api):
+    """Lock buckd.pid, then write our pid in it (truncate only once locked)."""
+    path = os.path.join(api.dir, PID_FILE)
+    fd = buck.open_file(path, os.O_RDWR | os.O_CREAT | NOFOLLOW)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, "not a regular file", path)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)                # we hold no lock on it: closing it drops nothing
+        raise
+    api.pid_fd, api.pid_stat = fd, os.fstat(fd)
+    api.last_pid = named_pid(os.pread(fd, 64, 0))      # the buckd before us
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def record_start(api):
+    """Learn how the last buckd ended, keep its logs, and record in END_FILE that we run."""
+    api.previous = how_it_ended(api.dir, api.last_pid) or "none known"
+    keep_logs(api.dir)
+    try:
+        buck.write_json(os.path.join(api.dir, END_FILE), {"pid": os.getpid()})
+    except OSError:
+        pass                        # no record of us: the next client says we vanished
+
+
+def redirect_stdio(api):
+    """"It redirects its stdout and stderr to files", then logs who we are and why we run."""
+    new = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW
+    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, os.path.join(api.dir, STDOUT_FILE), new),
+                            (2, os.path.join(api.dir, STDERR_FILE), new)):
+        opened = buck.open_file(path, flags)
+        os.dup2(opened, fd)
+        os.close(opened)
+    sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # (or None)
+    log(f"{DAEMON} pid {os.getpid()} version {api.version} starting in {api.dir}")
+    log(f"started because: {api.why}; the previous {DAEMON}: {api.previous}")
+
+
+def write_info(api):
     info = {"pid": os.getpid(), "port": api.port, "version": api.version,
             "auth_token": api.token, "start_time": api.start_time}
-    buck.write_json(os.path.join(d, INFO_FILE), info)
-    return file_id(os.path.join(d, INFO_FILE))
+    buck.write_json(os.path.join(api.dir, INFO_FILE), info)
+    api.info_id = file_id(os.path.join(api.dir, INFO_FILE))
+
+
+def remove_info(api):
+    """Remove buckd.info if it is still the one we wrote (else a newer buckd's)."""
+    try:
+        if api.info_id and file_id(os.path.join(api.dir, INFO_FILE)) == api.info_id:
+            os.unlink(os.path.join(api.dir, INFO_FILE))
+    except OSError:
+        pass
 
 
 def file_id(path):
     """What tells a file, and a rewrite of it, apart without opening it."""
-    st = os.stat(path)
+    st = os.stat(path, follow_symlinks=False)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def still_ours(name=None, name_id=None):
-    """Is buckd.pid the file we hold, and `name` the file we wrote? (Else a newer buckd's.)"""
-    try:
-        pid_file = os.path.samestat(os.stat(os.path.join(ours["dir"], PID_FILE)), buck.own_pid_file)
-        return pid_file and (name is None or file_id(os.path.join(ours["dir"], name)) == name_id)
-    except OSError:
-        return False
-
-
-def record_end(how, reason):
-    """Record in END_FILE how we end, unless a client that signalled us did, or it is not ours."""
-    try:
-        if ours and still_ours() and not buck.end_record(ours["dir"]).get("how"):
-            end = {"pid": os.getpid(), "how": how, "why": reason}
-            buck.write_json(os.path.join(ours["dir"], buck.END_FILE), end)
-    except OSError:
-        pass
 
 
 def log(message):
     print(time.strftime("%Y-%m-%d %H:%M:%S"), message, file=sys.stderr, flush=True)
 
 
+class Wake:
+    """The pipe that wakes serve(): SIGTERM and SIGINT write their number (set_wakeup_fd),
+    poke() a 0 (a Kill call, new settings). A handler can run under any lock: ours do nothing."""
+
+    def __init__(self):
+        self.read_end, self.write_end = os.pipe()
+        for fd in (self.read_end, self.write_end):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self.write_end)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
+
+    def poke(self):
+        try:
+            os.write(self.write_end, b"\0")
+        except BlockingIOError:
+            pass                    # the pipe is full: serve() wakes anyway
+
+    def wait(self, timeout):
+        """Wait up to `timeout` s; the signals received meanwhile, if any."""
+        if select.select([self.read_end], [], [], max(0, timeout))[0]:
+            return [signal.Signals(byte) for byte in os.read(self.read_end, 512) if byte]
+        return []
+
+
 # "There are 3 ways that the buckd process will shutdown"; and a signal, idleness, a lost repo.
-def serve(api, d, root, pid_fd, info_id, wake, interval, idle):
+def serve(api):
     """Wait until buckd must shut down; return (how, why). (A panic exits from anywhere.)"""
-    next_check = time.monotonic() + interval
+    checked, marker_missing = time.monotonic(), False
     while True:
-        idle_at = (time.monotonic() if api.active else api.last_used) + idle if idle else float("inf")
-        if select.select([wake], [], [], max(0, min(next_check, idle_at) - time.monotonic()))[0]:
-            signals = [s for s in os.read(wake, 512) if s]     # 0 is the Kill call's byte
-            if api.reason:
-                return "kill", api.reason                                       # 1. kill()
-            if signals:
-                return "signal", f"{DAEMON} received {signal.Signals(signals[0]).name}"
         now = time.monotonic()
-        if now >= next_check:
-            if reason := check_files_still_ours(d, pid_fd, info_id):
+        idle_at = (now if api.commands else api.idle_since) + (api.idle_timeout or float("inf"))
+        signals = api.wake.wait(min(checked + api.check_interval, idle_at) - now)
+        if api.reason:
+            return "kill", api.reason                                           # 1. kill()
+        if signals:
+            return "signal", f"{DAEMON} received {signals[0].name}"
+        now = time.monotonic()
+        if now >= checked + api.check_interval:
+            if reason := check_files_still_ours(api):
                 return "self-check", reason                                     # 2.
-            if not os.path.isfile(os.path.join(root, buck.MARKER)):           # (as buck2 does)
-                return "repository gone", f"{buck.shown(root)} or its {buck.MARKER} is gone"
-            next_check = now + interval
-        if idle and not api.active and now >= api.last_used + idle:
-            return "idle", f"no client for {idle:g} s ({buck.IDLE_TIMEOUT_ENV})"
+            was_missing = marker_missing            # gone means gone at two checks in a row
+            marker_missing = not os.path.isfile(os.path.join(api.root, buck.MARKER))
+            if marker_missing and was_missing:
+                return "repository gone", f"{printable(api.root)} or its {buck.MARKER} is gone"
+            checked = now
+        if api.idle_timeout and not api.commands and now >= api.idle_since + api.idle_timeout:
+            return "idle", f"no command for {api.idle_timeout:g} s ({buck.IDLE_TIMEOUT_ENV})"
 
 
 # Shutdown path 2: "buckd will periodically (every 100s or so) check the "buckd.pid" and
 # "buckd.info" files to ensure that they still match that buckd process."
-def check_files_still_ours(d, pid_fd, info_id):
+def check_files_still_ours(api):
     """Why buckd must exit, or None while buckd.pid and buckd.info name it (opening neither)."""
-    if not os.path.exists(os.path.join(d, PID_FILE)):
+    try:
+        pid_file = os.stat(os.path.join(api.dir, PID_FILE), follow_symlinks=False)
+    except OSError:
         return f"{PID_FILE} was removed"
-    if not still_ours():
+    if not os.path.samestat(pid_file, api.pid_stat):
         return f"{PID_FILE} was replaced"
-    if os.pread(pid_fd, 64, 0) != f"{os.getpid()}\n".encode():
+    if os.pread(api.pid_fd, 64, 0) != f"{os.getpid()}\n".encode():
         return f"{PID_FILE} names another process"
-    if not still_ours(INFO_FILE, info_id):
-        return f"{INFO_FILE} was removed or rewritten"
-    return None
+    try:
+        if file_id(os.path.join(api.dir, INFO_FILE)) == api.info_id:
+            return None
+    except OSError:
+        pass
+    return f"{INFO_FILE} was removed or rewritten"
 
 
 # Shutdown path 3: "If buckd hits a rust `panic()` the buckd process will exit"
-def panic(error):
+def panic(api, error):
     """A bug of buckd's own, wherever it happens: log its traceback, exit at once."""
+    import traceback
     traceback.print_exception(error)
-    step("daemon.shutdown", reason=f"panic: {error!r}", path="panic")
-    record_end("panic", repr(error))
-    step("daemon.exit")
+    step(api, "daemon.shutdown", reason=f"panic: {error!r}", path="panic")
+    record_end(api, "panic", repr(error))
+    step(api, "daemon.exit")
     sys.stderr.flush()
     os._exit(buck.EXIT_PANIC)
 
@@ -248,28 +423,34 @@ def panics(method):
         try:
             return method(self, request, context)
         except Exception as e:
-            panic(e)
+            panic(self, e)
     return guarded
 
 
-def start_server(d, wake, why, previous):
+def start_server(api):
     """The DaemonApi on 127.0.0.1: a thread per command (MAX_COMMANDS), and spares."""
     global grpc, pb
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     grpc, pb, pb_grpc = buck.load_grpc()
-    api = DaemonApi(d, wake, why, previous)
-    mark = buck.instance({"pid": os.getpid(), "start_time": api.start_time})
-    os.environ[buck.INSTANCE_ENV] = mark        # before any thread: what our commands start inherit
-    server = grpc.server(ThreadPoolExecutor(MAX_COMMANDS + SPARE_THREADS),
+    os.environ[buck.INSTANCE_ENV] = instance(os.getpid(), api.start_time)   # before any thread:
+    server = grpc.server(ThreadPoolExecutor(MAX_COMMANDS + SPARE_THREADS),  # what we run inherits it
                          interceptors=[require_token(api.token)], options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_DaemonApiServicer_to_server(api, server)
-    api.port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, api
+    try:
+        api.port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        socket.create_connection(("127.0.0.1", api.port), timeout=buck.STATUS_TIMEOUT).close()
+    except (RuntimeError, OSError) as e:        # (no loopback: nothing could ever connect)
+        raise OSError(f"cannot serve on 127.0.0.1 ({e}): is the loopback interface down?")
+    return server
+
 
 
 def require_token(token):
     """An interceptor refusing every call that lacks this buckd's token (constant-time)."""
+    import hmac
     deny = grpc.unary_unary_rpc_method_handler(
         lambda request, context: context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad auth token"))
 
@@ -281,25 +462,44 @@ def require_token(token):
 
 
 class DaemonApi:
-    """The servicer. `lock` guards `active` and `reason`; it is never taken in a signal handler."""
+    """All buckd knows, and the DaemonApi it serves. `lock` guards `commands`, `idle_since`
+    and `reason`; it is never taken in a signal handler."""
 
-    def __init__(self, d, wake, why, previous):
-        self.dir, self.version, self.wake, self.port = d, buck.version(), wake, 0
-        self.why, self.previous = buck.shown(why), buck.shown(previous)     # valid UTF-8
-        self.token = os.urandom(16).hex()
-        self.start_time, self.last_used = time.time(), time.monotonic()  # last: for idleness
+    def __init__(self, d, root, settings, why):
+        self.dir, self.root, self.why, self.version = d, root, printable(why), buck.version()
+        self.check_interval, self.idle_timeout = settings["check_interval_s"], settings["idle_timeout_s"]
+        self.pid_fd = self.pid_stat = self.last_pid = self.info_id = None   # set by lock_pid_file
+        self.previous, self.port, self.token = "none known", 0, os.urandom(16).hex()
+        self.start_time, self.idle_since = time.time(), time.monotonic()
+        self.wake = Wake()
         self.lock = threading.Lock()
-        self.active = set()         # an Event per running command, set to stop it
+        self.commands = {}          # the running ones: their stop Event -> [request, started]
         self.reason = None          # why buckd is shutting down
 
     @panics
     def Status(self, request, context):
-        idle, self.last_used = 0 if self.active else time.monotonic() - self.last_used, time.monotonic()
+        """Step 3's answer, and what runs. Not a use: idleness counts from the last command."""
+        now, usage = time.monotonic(), resource_usage()
+        with self.lock:
+            running = [pb.RunningCommand(argv=[printable(word) for word in request.argv], running_s=now - started,
+                                         client_pid=request.client_pid) for request, started in self.commands.values() if request]
+            idle = 0 if self.commands else now - self.idle_since
         return pb.StatusResponse(
-            pid=os.getpid(), port=self.port, version=self.version, daemon_dir=buck.shown(self.dir),
-            start_time=self.start_time, uptime_s=time.time() - self.start_time,
-            active_commands=len(self.active), idle_s=idle, started_because=self.why,
-            previous_end=self.previous, figures=buck.workload.status())
+            pid=os.getpid(), port=self.port, version=self.version, daemon_dir=printable(self.dir),
+            start_time=self.start_time, uptime_s=time.time() - self.start_time, active_commands=len(self.commands),
+            idle_s=idle, started_because=self.why, previous_end=self.previous, figures=buck.workload.status(),
+            settings=pb.Settings(check_interval_s=self.check_interval, idle_timeout_s=self.idle_timeout),
+            commands=running, **usage)
+
+    @panics
+    def Configure(self, request, context):
+        """A client's daemon settings, applied live: serve() reads them when it wakes."""
+        problem = buck.settings_problem(request.check_interval_s, request.idle_timeout_s)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        self.check_interval, self.idle_timeout = request.check_interval_s, request.idle_timeout_s
+        self.wake.poke()
+        return request
 
     # Shutdown path 1: "The grpc api includes a `kill()` call that will shutdown buckd."
     @panics
@@ -312,27 +512,23 @@ class DaemonApi:
         with self.lock:
             if self.reason is None:
                 self.reason = reason
-                for stop in self.active:
+                for stop in self.commands:
                     stop.set()
-        try:
-            os.write(self.wake, b"\0")
-        except BlockingIOError:
-            pass                    # the pipe is full: serve() wakes anyway
+        self.wake.poke()
 
     def Command(self, requests, context):
         """One command, by daemon.proto's handshake; bad requests end their own call."""
-        stop = threading.Event()
+        stop, running = threading.Event(), [None, time.monotonic()]     # (request, started)
         with self.lock:             # counted from the start: a stream holds a thread
             if self.reason is not None:     # not accepted: the client may send it elsewhere
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"{DAEMON} is shutting down")
-            if len(self.active) >= MAX_COMMANDS:
-                busy = f"{DAEMON} is busy: {MAX_COMMANDS} run"
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
-            self.active.add(stop)
+            if len(self.commands) >= MAX_COMMANDS:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{DAEMON} is busy: {MAX_COMMANDS} run")
+            self.commands[stop] = running
         if not context.add_callback(stop.set):      # the call ends: the client went away
             stop.set()
         try:
-            request = next(requests, None)
+            request = running[0] = next(requests, None)
             if problem := malformed(request):
                 context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
                 context.set_details(problem)
@@ -340,7 +536,7 @@ class DaemonApi:
             yield pb.CommandEvent(accepted=True)
             if next(requests, None) is None:        # no go-ahead: the client has gone
                 return
-            code = yield from run_workload(request, stop)
+            code = yield from run_workload(request, stop, self.pid_stat)
             if code is not None:                    # it ran to its end
                 yield pb.CommandEvent(exit_code=code)
             elif self.reason:                       # it was stopped by the shutdown
@@ -348,11 +544,21 @@ class DaemonApi:
         except grpc.RpcError:
             return                  # the client went away during the handshake
         except Exception as e:
-            panic(e)
+            panic(self, e)
         finally:
-            with self.lock:         # the handler has returned: no longer active
-                self.active.discard(stop)
-                self.last_used = time.monotonic()
+            with self.lock:         # the handler has returned: no longer running; idle from now
+                del self.commands[stop]
+                self.idle_since = time.monotonic()
+
+
+def resource_usage():
+    """buckd's memory (RSS now and at peak) and CPU time, as buck2's `status --snapshot`."""
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)     # (bytes on macOS)
+    statm = (buck.read_file("/proc/self/statm") or b"0 0").split()
+    rss = int(statm[1]) * os.sysconf("SC_PAGE_SIZE") or peak
+    return {"rss_bytes": rss, "peak_rss_bytes": max(peak, rss), "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def malformed(request):
@@ -360,18 +566,20 @@ def malformed(request):
     if request is None:
         return "no command was sent"
     if request.name not in buck.workload_commands():
-        return f"no command {buck.shown(request.name)}"
+        return f"no command {printable(request.name)}"
     if not os.path.isabs(request.cwd):
-        return f"cwd must be an absolute path, not {buck.shown(request.cwd)}"
+        return f"cwd must be an absolute path, not {printable(request.cwd)}"
     if any(b"\0" in arg for arg in [request.cwd, *request.args]):
         return "a path with a NUL byte"
     return None
 
 
-def run_workload(request, stop):
+def run_workload(request, stop, pid_stat):
     """Run a workload command: its events as CommandEvents, then its exit code."""
+    from functools import partial
+    from types import SimpleNamespace
     call = SimpleNamespace(args=list(request.args), options=dict(request.options), cwd=request.cwd,
-                           stop=stop, open=buck.open_file)
+                           stop=stop, open=partial(buck.open_file, refuse=pid_stat))
     try:
         buck.check_usage(request.name, call.args, call.options)
         events = buck.workload_commands()[request.name][2](call)

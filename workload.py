@@ -63,7 +63,7 @@ def cmd_hash(call):
             if out:                 # stdout before stderr, in the order of the paths
                 yield "stdout", bytes(out)
                 out.clear()
-            yield "stderr", f"{buck.TOOL} hash: {buck.shown(shown)}: {digest.strerror}\n".encode()
+            yield "stderr", f"{buck.TOOL} hash: {buck.printable(shown)}: {digest.strerror}\n".encode()
             continue
         out += sha256sum_line(digest, shown)
         if len(out) >= CHUNK:
