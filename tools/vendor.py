@@ -155,8 +155,13 @@ def read(path):
 def previous(dest):
     """What DEST held: its record (a dict), {} for nothing vendored there yet."""
     path = os.path.join(dest, RECORD)
-    if not os.path.exists(path):
-        return {}
+    if not os.path.exists(path):            # none, or a copy made by hand: its buck.py says
+        made = os.path.join(dest, "buck.py")
+        if not os.path.isfile(made):
+            return {}
+        whole = all(os.path.isfile(os.path.join(dest, name)) for name in UPSTREAM)
+        return {"release": literal(made, "RELEASE") or "(before 1.0.0)",
+                "checksum": checksum(dest, UPSTREAM) if whole else None}
     try:
         record = json.loads(read(path))
         assert isinstance(record, dict) and isinstance(record.get("release"), str)
@@ -200,7 +205,10 @@ def vendor(dest, tool, daemon):
     release = literal(os.path.join(ROOT, "buck.py"), "RELEASE")
     if not isinstance(release, str):
         raise Fail(f"upstream {os.path.join(ROOT, 'buck.py')} has no RELEASE = \"X.Y.Z\"")
-    os.makedirs(dest, exist_ok=True)
+    try:
+        os.makedirs(dest, exist_ok=True)
+    except OSError as e:
+        raise Fail(f"cannot make DEST {dest}: {e.strerror}")
     old = previous(dest)
     kept = check_team_file(dest, tool, daemon)
     new_sum = checksum(ROOT, UPSTREAM)
@@ -275,6 +283,8 @@ def main(argv):
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         message, code = f"{where}{e.strerror or e}", 1
+    except (SyntaxError, UnicodeError) as e:        # a file vendor.py reads but does not run
+        message, code = f"{getattr(e, 'filename', None) or 'a file'}: not Python it can read ({e})", 1
     except KeyboardInterrupt:
         return 130
     tail = f" (usage: {USAGE})" if code == 2 else ""
