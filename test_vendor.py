@@ -456,7 +456,7 @@ def test_vendored_tool_reads_its_own_environment(mono):
 def test_vendored_tool_and_buck_side_by_side(mono):
     """acme and this checkout's buck, in one repository and one HOME, never touch each other:
     acmed and buckd run at once, each in its own dir; `acme kill` leaves buckd running, `buck
-    kill` leaves acmed; `status --all` of each lists its own only; `acme killall` kills acmed only."""
+    kill` leaves acmed; `status --all` of each lists its own only; each `killall` kills its own only."""
     assert mono("server").code == 0 and mono.buck("server")
     acmed, buckd = mono.pid(), mono.pid("buck", "buckd")
     assert acmed and buckd and acmed != buckd and alive(acmed) and alive(buckd)
@@ -479,6 +479,10 @@ def test_vendored_tool_and_buck_side_by_side(mono):
     r = mono("killall")
     assert (r.code, r.out) == (0, f"acmed killed (pid {acmed}) in {mono.dir()}\n"), r.err
     assert not alive(acmed) and alive(buckd) and mono.pid("buck", "buckd") == buckd
+    assert mono("server").code == 0
+    acmed = mono.pid()
+    assert mono.buck("killall").out == f"buckd killed (pid {buckd}) in {mono.dir('buck', 'buckd')}\n"
+    assert not alive(buckd) and alive(acmed) and mono.pid() == acmed
     assert mono.never_says_buck()
 
 
