@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT OR Apache-2.0. Upstream file of buckd: replace it on upgrade, never edit it.
 """lifecycle: check and draw the buckd lifecycle log, the evidence for the design doc's
 three guarantees (buck2's daemon_lifecycle.md, "correctness").
 
