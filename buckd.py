@@ -494,9 +494,11 @@ class DaemonApi:
     @panics
     def Configure(self, request, context):
         """A client's daemon settings, applied live: serve() reads them when it wakes."""
-        problem = buck.settings_problem(request.check_interval_s, request.idle_timeout_s)
-        if problem:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        try:
+            for name, (field, *_) in buck.SETTINGS.items():
+                buck.setting(name, str(getattr(request, field)))
+        except buck.Fail as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.check_interval, self.idle_timeout = request.check_interval_s, request.idle_timeout_s
         self.wake.poke()
         return request
