@@ -33,8 +33,11 @@ PREFIX = f"{buck.TOOL}: "
 
 
 def one_line(r):
-    """Failed in one line `buck: ...` (a dead daemon's log may follow, quoted "  | ")."""
-    said = [line for line in r.err.splitlines() if not line.startswith("  | ")]
+    """Failed in one line `buck: ...`: besides the usual notice that a client starts buckd, one
+    line says it (a dead daemon's log may follow, quoted "  | "). Returns that line."""
+    notices = tuple(f"{PREFIX}{verb} {buck.DAEMON}: " for verb in ("starting", "restarting"))
+    said = [line for line in r.err.splitlines()
+            if not line.startswith("  | ") and not line.startswith(notices)]
     assert "Traceback" not in r.err, r.err
     assert len(said) == 1 and said[0].startswith(PREFIX), r.err
     return said[0]
@@ -277,18 +280,21 @@ def test_status_shows_the_running_commands_and_the_process(sb):
 def test_status_shows_a_commands_words_escaped(sb, spawning_buck):
     """Issue 20, 4: a control character in a running command's argument is shown escaped by
     text `status` (`debug run`, spawning_buck's, is the one command taking any words)."""
-    weird = "\x1b[31m"
-    client = sb.spawn("debug", "run", "--", PY, "-c", "import time; print('up', flush=True); "
-                      "time.sleep(30)", weird, script=spawning_buck)
+    weird, pid_file = "\x1b[31m", sb.tmp / "child.pid"
+    assert sb.buck("server", script=spawning_buck).code == 0
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(30)"
+    client = sb.spawn("debug", "run", "--", PY, "-c", child, weird, script=spawning_buck)
     try:
-        s = wait_for(lambda: (j := status_json(sb)).get("commands") and j, timeout=15,
-                     what="a running command in status --json")
-        assert weird in s["commands"][0]["args"], s
+        wait_for(lambda: pid_file.exists() and pid_file.read_text(), what="the command to run")
+        s = status_json(sb)
+        assert isinstance(s.get("commands"), list) and weird in s["commands"][0].get("args", []), s
         text = sb.buck("status").out
         assert "\x1b" not in text and "\\x1b[31m" in text, text
     finally:
         client.kill()
         client.communicate()
+        if pid_file.exists() and pid_file.read_text():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
         sb.buck("kill", script=spawning_buck)
 
 
@@ -506,17 +512,22 @@ def test_quoting_a_huge_crash_log_stays_small(sb):
 def test_a_marker_rewritten_during_self_checks_keeps_buckd(sb):
     """Issue 20, 5h: "`.buckconfig` rewritten by delete-then-create during a self-check
     (CHECK_INTERVAL 0.05 ...) → buckd keeps running (same pid) — "gone means gone at two
-    checks in a row"". For ~3 s the marker is deleted and at once recreated, over and over,
-    present most of the time (the short pauses shape that pattern; they synchronise nothing):
-    a single check sees it gone now and then, two checks in a row practically never."""
-    env = {CHECK: "0.05"}
+    checks in a row"". For 3 s the marker is deleted, kept gone ~0.3 ms, recreated, and kept
+    for 14-20 ms, over and over. The pauses shape that pattern; they synchronise nothing.
+    The interval is 0.01 s, not 0.05: ~300 checks, of which one alone sees the marker gone
+    with probability ~1 - 0.985^300 (today's buckd then exits), while two checks 10 ms apart
+    cannot both fall in gaps 14 ms or more apart (unless a check is late by 4 ms or more)."""
+    env = {CHECK: "0.01"}
     assert sb.buck("server", env=env).code == 0
-    pid, marker = sb.info()["pid"], sb.repo / buck.MARKER
+    pid, marker, rng = sb.info()["pid"], sb.repo / buck.MARKER, random.Random(5)
     end = time.monotonic() + 3
     while time.monotonic() < end and alive(pid):
         marker.unlink()
+        gone = time.perf_counter() + 0.0003
+        while time.perf_counter() < gone:
+            pass
         marker.write_text("")
-        time.sleep(0.002)
+        time.sleep(rng.uniform(0.014, 0.020))
     assert alive(pid), f"buckd ended: {(sb.dir() / buck.END_FILE).read_text()}"
     assert status_json(sb, env=env)["pid"] == pid
 
