@@ -474,9 +474,10 @@ def connect(d, isolation):
 # version": a Connection is only ever returned here, after a Status naming our version.
 def check_version(d, raw, timeout=STATUS_TIMEOUT):
     """Steps 2-3: (Connection, Status reply, None), or (None, None, Why)."""
-    info = buckd.parse_info(raw)
-    if info is None and raw:
-        return None, None, Why(CORRUPT, f"{INFO_FILE} is corrupt")
+    info, pid = buckd.parse_info(raw), buckd.holder(d)
+    if info is None and (raw or pid):
+        what = "corrupt" if raw else f"missing, while pid {pid} holds {PID_FILE}"
+        return None, None, Why(CORRUPT, f"{INFO_FILE} is {what}")
     if info is None:
         return None, None, Why(NO_DAEMON, f"no {DAEMON} was running")
     conn = Connection(info)
@@ -560,23 +561,21 @@ def refuse_to_restart_here(d, why):
 
 
 def report_crash(d, seen, why):
-    """If the buckd that buckd.info names is gone without a recorded end, it crashed: say so with
-    its log, keep its logs in prev/, drop its buckd.info. Returns why we start buckd, in full."""
-    info, end = buckd.parse_info(seen), buckd.end_record(d)
-    gone = info and buckd.holder(d) is None
-    if why.outcome == NO_DAEMON or gone and end.get("pid") == info["pid"] and end.get("how") not in (None, "panic"):
-        last = buckd.how_it_ended(d, buckd.last_pid(d))     # (it may have ended just now: idle...)
-        return Why(NO_DAEMON, f"no {DAEMON} was running" + (f" (the last one, {last})" if last else ""))
-    if not gone:
+    """Why we start buckd, in full. If the buckd that buckd.info names is gone without a clean
+    recorded end, it crashed: say so with its log, keep its logs in prev/, drop its buckd.info."""
+    info = buckd.parse_info(seen)
+    if info and buckd.holder(d) is None:
+        end = buckd.end_record(d)
+        if end.get("pid") != info["pid"] or end.get("how") in (None, "panic"):
+            buckd.keep_logs(d)
+            say(f"{DAEMON} crashed, see {buckd.crash_log(d, info['pid'])}")
+            ended = buckd.how_it_ended(d, info["pid"]) or "no record"
+            os.unlink(os.path.join(d, INFO_FILE))      # said once: the next client starts afresh
+            return Why(CRASHED, f"{DAEMON} (pid {info['pid']}) crashed or vanished ({ended})")
+    elif why.outcome != NO_DAEMON:
         return why
-    buckd.keep_logs(d)
-    say(f"{DAEMON} crashed, see {buckd.crash_log(d, info['pid'])}")
-    try:
-        os.unlink(os.path.join(d, INFO_FILE))      # said once: the next client starts afresh
-    except OSError:
-        pass
-    ended = buckd.how_it_ended(d, info["pid"]) or "no record"
-    return Why(CRASHED, f"{DAEMON} (pid {info['pid']}) crashed or vanished ({ended})")
+    last = buckd.how_it_ended(d, buckd.last_pid(d))     # (it may have ended just now: idle...)
+    return Why(NO_DAEMON, f"no {DAEMON} was running" + (f" (the last one, {last})" if last else ""))
 
 
 # Correctness 2, "Only a single client is killing/starting a buckd at a time": "When the client
@@ -841,23 +840,23 @@ def for_people(key, value):
         return f"{value / 2**20:.1f} MiB"
     if key == "commands":
         return "".join(f"\n    pid {c['client_pid']}, for {duration(c['running_s'])}: "
-                       f"{printable(' '.join(c['args']))}" for c in value) or "none"
+                       f"{TOOL} {printable(' '.join(c['args']))}" for c in value) or "none"
     return value
 
 
 def duration(seconds):
-    """Seconds as people say them: 9 s, 3 min, 5 h, 2 days."""
-    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+    """Seconds as people say them: 0.2 s, 9 s, 3 min, 5 h, 2 days."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60), ("s", 1)):
         if seconds >= 2 * size:
             return f"{seconds / size:.0f} {unit}"
-    return f"{seconds:.0f} s"
+    return f"{seconds:.2g} s"
 
 
 def status_line(row):
     """A line of `status --all`."""
     if row["state"] != "running":
         return f"{printable(row['daemon_dir'])}: {row['state']} (pid {row['pid']})"
-    running = "".join(f"; pid {c['client_pid']} runs {printable(' '.join(c['args']))}" for c in row["commands"])
+    running = "".join(f"; pid {c['client_pid']} runs {TOOL} {printable(' '.join(c['args']))}" for c in row["commands"])
     return (f"{printable(row['daemon_dir'])}: pid {row['pid']}, version {row['version']}, "
             f"up {duration(row['uptime_s'])}, {row['active_commands']} running, idle {duration(row['idle_s'])}, "
             f"started because: {row['started_because']}{running}")
@@ -871,7 +870,7 @@ def run_command(d, isolation, name, operands, options):
     refusals = {grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE, grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_FAILED}
     request = pb.CommandRequest(name=name, args=[os.fsencode(a) for a in operands], options=options,
                                 cwd=os.fsencode(os.getcwd()), client_pid=os.getpid(),
-                                argv=[os.fsencode(word) for word in [TOOL, *sys.argv[1:]]])
+                                argv=[os.fsencode(word) for word in sys.argv[1:]])
     for conn, reply in connect(d, isolation):       # (each a new connection: see ATTEMPTS)
         accepted, events = threading.Event(), queue.Queue()
         stream = conn.stub.Command(handshake(request, accepted), metadata=conn.metadata)

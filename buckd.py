@@ -481,7 +481,7 @@ class DaemonApi:
         """Step 3's answer, and what runs. Not a use: idleness counts from the last command."""
         now, usage = time.monotonic(), resource_usage()
         with self.lock:
-            running = [pb.RunningCommand(argv=[printable(word) for word in request.argv], running_s=now - started,
+            running = [pb.RunningCommand(argv=[word.decode(errors="backslashreplace") for word in request.argv], running_s=now - started,
                                          client_pid=request.client_pid) for request, started in self.commands.values() if request]
             idle = 0 if self.commands else now - self.idle_since
         return pb.StatusResponse(
