@@ -2468,6 +2468,8 @@ def test_every_start_says_why(sb, other_buck, cause):
         why = f"buckd (pid {old}) is not usable (UNAVAILABLE: "
     elif cause == "corrupt info":
         (sb.dir() / "buckd.info").write_text("{not json")
+        old_enough = time.time() - 60           # not "starting a moment ago": no 30 s wait
+        os.utime(sb.dir() / "buckd.pid", (old_enough, old_enough))
         why = "buckd.info is corrupt"
     elif cause == "crashed":
         sb.buck("debug", "crash")
