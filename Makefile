@@ -34,8 +34,11 @@ demo: setup
 	$(PY) -c "print(f'# cold: $$((t1 - t0)) ms, warm: $$((t2 - t1)) ms: warm is {($$t1 - $$t0) / ($$t2 - $$t1):.1f}x faster')"; \
 	buck status; buck kill
 
+# In parallel (pytest-xdist): the tests mostly wait on the processes they start, so more
+# workers than cores; worksteal, as a few tests take seconds and most a fraction of one.
+TEST_WORKERS ?= 4
 test: setup
-	$(PY) -m pytest -q test_buckd.py
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal test_buckd.py test_workload.py
 
 stress: setup
 	@for i in $$(seq 20); do \
