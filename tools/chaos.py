@@ -410,7 +410,7 @@ class Soak:
         other, = set(self.versions.values()) - {own}
         line = line.replace(os.path.dirname(self.dirs["v2"]), "$DAEMONS").replace(self.tmp, "$TMP")
         line = re.sub(r"\d+(\.\d+)?", "N", line.replace(own, "<own>").replace(other, "<other>"))
-        return line.replace("/vN/", "/v2/")
+        return re.sub(r"/vN\b", "/v2", line)
 
     def count(self, counter, line, proc):
         with self.lock:
