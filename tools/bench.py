@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""bench: the client's overhead and buckd's start, restart and hashing, as ratios.
+"""bench: the client's overhead and buckd's start, restart and hashing, as ratios. A
+development tool, not part of buck.
 
     .venv/bin/python tools/bench.py          (make bench)
 
@@ -8,7 +9,10 @@ same machine, with the same interpreter (sys.executable): the floor Python impos
 -c pass`, the grpc imports), a real peer (mypy's dmypy) or sha256sum. A and B alternate
 (A B A B ...) so that the machine's drift hits both alike; after warm-up we take the median
 of each and print the ratio A/B beside its target. Times are only ever compared with their
-baselines, never with fixed numbers: these machines are noisy.
+baselines, never with fixed numbers: these machines are noisy. Row 1 also times, in the same
+alternation, a vendored launcher's `version` (tools/vendor.py's `acme`) and the release
+before issue 14 (git archive OLD_RELEASE of this checkout, its stubs generated here; the
+rows are skipped, said so, where the checkout has no such history).
 
 All runs use a temp HOME and a temp repository (a .buckconfig), the buck.py of the parent
 dir of tools/, none of buck's environment variables inherited. "Cold" means after an
@@ -36,6 +40,7 @@ import lifecycle                    # beside us in tools/: load_buck(), other_ve
 ROOT, BUCK, PY = lifecycle.ROOT, lifecycle.BUCK, sys.executable
 buck = lifecycle.load_buck()        # `import buck` from ROOT: its names (MARKER, LOG_ENV...)
 RUNS, WARMUP, RACE_RUNS, HASH_RUNS, CLIENTS, RPCS, BUSY = 15, 1, 4, 3, 12, 2000, 100
+OLD_RELEASE = "23371b3"             # the release before issue 14: issue 21's "old release"
 STDLIB = sysconfig.get_paths()["stdlib"]
 HEADER = ("row", "A ms", "B ms", "A/B", "target", "result")
 
@@ -104,12 +109,52 @@ def alternate(*measures, runs=RUNS, warmup=WARMUP):
     return [statistics.median(samples) * 1000 for samples in times]
 
 
+def old_release(b):
+    """OLD_RELEASE's buck.py, in a temp dir with its stubs and bytecode; or why not."""
+    old = b.mkdir("old")
+    archive = subprocess.run(["git", "-C", ROOT, "archive", OLD_RELEASE], capture_output=True)
+    if archive.returncode != 0:
+        return None, f"no {OLD_RELEASE} in this checkout's history (a shallow clone?)"
+    subprocess.run(["tar", "-x", "-C", old], input=archive.stdout, check=True)
+    subprocess.run([PY, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=.",
+                    "daemon.proto"], cwd=old, check=True)
+    subprocess.run([PY, "-m", "compileall", "-q", old], check=True)
+    return os.path.join(old, "buck.py"), None
+
+
+def vendored_launcher(b):
+    """tools/vendor.py's launcher of a copy named acme, daemon acmed: its path."""
+    dest = os.path.join(b.tmp, "acme")
+    subprocess.run([PY, os.path.join(ROOT, "tools", "vendor.py"), dest, "--tool", "acme",
+                    "--daemon", "acmed"], check=True, stdout=subprocess.DEVNULL)
+    return os.path.join(dest, "acme")
+
+
 def measure_client_floor(b):
-    """Row 1: commands answered without grpc vs starting Python at all."""
-    version, help_, floor = alternate(lambda: b.buck("version"), lambda: b.buck("help"),
-                                      lambda: b.run([PY, "-c", "pass"]))
-    b.row("1 buck version vs python -c pass", version, floor, "<= 1.3x", version <= 1.3 * floor)
-    b.row("1 buck help vs python -c pass", help_, floor, "<= 1.3x", help_ <= 1.3 * floor)
+    """Row 1: commands answered without grpc vs starting Python at all: this buck.py, a
+    vendored launcher (`#!/usr/bin/env python3`, this Python first on PATH) and the old
+    release, all alternating with the floor."""
+    old, why_not = old_release(b)
+    acme = vendored_launcher(b)
+    env = dict(b.env, PATH=os.path.dirname(PY) + os.pathsep + b.env.get("PATH", ""))
+    measures = {"version": lambda: b.buck("version"), "help": lambda: b.buck("help"),
+                "acme": lambda: b.run([acme, "version"], env=env),
+                "floor": lambda: b.run([PY, "-c", "pass"])}
+    if old:
+        measures.update({"old version": lambda: b.buck("version", script=old),
+                         "old help": lambda: b.buck("help", script=old)})
+    ms = dict(zip(measures, alternate(*measures.values())))
+    floor = ms["floor"]
+    for name in ("version", "help"):
+        b.row(f"1 buck {name} vs python -c pass", ms[name], floor, "<= 1.45x",
+              ms[name] <= 1.45 * floor)
+        if old:
+            b.row(f"1   old release ({OLD_RELEASE}) {name}", ms[f"old {name}"], floor,
+                  "(info)", None)
+        else:
+            b.row(f"1   old release ({OLD_RELEASE}) {name}", "", "", "", f"skipped: {why_not}")
+    b.row("1 vendored launcher: acme version vs python -c pass", ms["acme"], floor, "<= 1.3x",
+          ms["acme"] <= 1.3 * floor)
 
 
 def measure_warm_status(b):
@@ -190,8 +235,8 @@ def measure_race(b):
         for p, err in zip(procs, errors):
             if p.returncode:
                 print(f"bench: WARNING: a racing client failed: {err.decode().strip()}", file=sys.stderr)
-        daemons = [pid for pid, argv in processes_with_home(b.home)
-                   if argv[-1:] == [b"daemon"] and any(a.endswith(b"buck.py") for a in argv)]
+        daemons = [p.pid for p in lifecycle.processes(b.home)
+                   if p.argv[-1:] == [b"daemon"] and any(a.endswith(b"buck.py") for a in p.argv)]
         status = b.status()
         if not status or daemons != [status["pid"]]:
             print(f"bench: WARNING: after the race: buckd pids {daemons}, status {status}", file=sys.stderr)
@@ -237,9 +282,7 @@ def measure_busy_daemon(b):
     for stream, accepted in streams:
         next(stream)
         accepted.set()
-    deadline = time.monotonic() + 60
-    while b.status()["active_commands"] < BUSY and time.monotonic() < deadline:
-        time.sleep(0.05)
+    buck.poll(lambda: b.status()["active_commands"] >= BUSY, 60, 0.05)
     busy, = alternate(lambda: b.buck("status"))
     b.buck("server")
     same = b.status()["pid"] == status["pid"] and b.status()["active_commands"] == BUSY
@@ -269,7 +312,7 @@ def measure_log(b):
     def per_call(n=20000):
         start = time.perf_counter()
         for _ in range(n):
-            buck.step("bench", daemon_pid=1)
+            buck.step("bench", b.tmp, daemon_pid=1)
         return (time.perf_counter() - start) / n * 1e6
     buck.LOG_PATH = None                # off, whatever our own environment says
     off = per_call()
@@ -356,20 +399,6 @@ def measure_hash(b):
           f"(info: {256e3 / cold:.0f} vs {256e3 / base:.0f} MB/s)", None)
 
 
-def processes_with_home(home):
-    """(pid, argv) of every process but ours whose environment has HOME=home."""
-    found, needle = [], b"HOME=" + os.fsencode(home)
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle in f.read().split(b"\0") and int(pid) != os.getpid():
-                    with open(f"/proc/{pid}/cmdline", "rb") as c:
-                        found.append((int(pid), c.read().split(b"\0")[:-1]))
-        except OSError:
-            pass                        # gone, or not ours to read
-    return found
-
-
 def clean_up(b):
     """Stop buckd and dmypy politely, then kill by pid whatever still carries our HOME."""
     for channel in b.channels:
@@ -380,9 +409,9 @@ def clean_up(b):
             subprocess.run(argv, cwd=cwd, env=b.env, capture_output=True, timeout=30)
         except (OSError, subprocess.SubprocessError) as e:
             print(f"bench: {' '.join(argv)}: {e}", file=sys.stderr)
-    for pid, argv in processes_with_home(b.home):
-        print(f"bench: killing leftover pid {pid}: {b' '.join(argv).decode()}", file=sys.stderr)
-        os.kill(pid, signal.SIGKILL)
+    for p in lifecycle.processes(b.home):
+        print(f"bench: killing leftover pid {p.pid}: {b' '.join(p.argv).decode()}", file=sys.stderr)
+        os.kill(p.pid, signal.SIGKILL)
     shutil.rmtree(b.tmp, ignore_errors=True)
 
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""chaos: a seeded, bounded, randomized soak of the buckd lifecycle (stdlib only, Linux).
+"""chaos: a seeded, bounded, randomized soak of the buckd lifecycle (Linux). A development
+tool, not part of buck: it imports buck and buckd for their names and the daemon dir's files.
 
     .venv/bin/python tools/chaos.py [--seconds 120] [--seed 1] [--workers 6] [--buck buck.py]
 
-The names it uses (the marker file, the environment variables, buckd.pid...) are those of
-the buck.py it drives (--buck, by default the one in the parent dir of tools/).
+The names it uses (the marker file, the environment variables...) are those of the buck.py
+it drives (--buck, by default the one in the parent dir of tools/); the daemon dirs and their
+files are read with this checkout's buck and buckd (buck.daemon_dir, buckd.holder).
 
 Setup, in a temp dir: a HOME; a repo (.buckconfig) with a tree to hash (nested dirs, odd
 names, a 2 MB file; sha256sum's output computed once); a copy of buck.SOURCES, which the
@@ -13,11 +15,14 @@ copy with one comment added to buckd.py: lifecycle.other_version); three isolati
 three decoys (`sleep 100000`: processes of ours that buck must never signal).
 
 Workers (threads) run real clients of either version in any isolation dir: server --json,
-status --json, hash, debug sleep 0-2, a burst of 20 concurrent `debug sleep 1` (--burst 70
---burst-sleep 15 exhaust the snapshot buckd's 64 threads), `status --all [--json]` (every
-buckd of the HOME, no isolation dir), sometimes kill, rarely killall (a kill of every
-isolation dir at once: commands running elsewhere end with "buckd shut down during the
-command", a failure like any other) and debug crash. A fault thread meanwhile injects:
+status --json, hash, debug sleep 0-2, a burst of 20 concurrent `debug sleep 1` (a --burst
+above buckd.MAX_COMMANDS, with a long --burst-sleep, makes buckd refuse some: busy),
+`status --all [--json]` (every buckd of the HOME, no isolation dir), a `server --json` that
+sets BUCKD_IDLE_TIMEOUT or BUCKD_CHECK_INTERVAL unlike the running buckd's (it applies it
+live, in one line), sometimes kill, rarely killall racing `server` starts in every isolation
+dir (commands running elsewhere end with "buckd shut down during the command", a failure like
+any other; killall exits 1 naming a dir whose lifecycle.lock a starting client holds) and
+debug crash. A fault thread meanwhile injects:
 SIGKILL of a client, a launcher (`buck daemon` still in our session) or a buckd; SIGSTOP,
 then SIGCONT within 3 s, of a client or a buckd; Ctrl-C (SIGINT to a client's process
 group, launcher included, as a terminal sends it; half the time to a client that is
@@ -26,18 +31,19 @@ replaced, naming a live decoy.
 
 Violations, checked while it runs (a monitor every 0.2 s) and at the end:
 - two running (not stopped) buckd for one isolation dir for more than 3 s: a replaced
-  buckd.pid lets the old one live only until its self-check (every 0.5 s) and its exit;
-- a successful `server --json` naming a daemon of another version than the client's;
-- a successful `status --all --json` that is no JSON array of objects, or names as a buckd
-  a decoy that lived all through the command;
+  buckd.pid lets the old one live only until its next self-check (every 0.2-1 s);
 - a decoy that died without us killing it: buck signalled a stranger's process;
 - a client running longer than 40 s (it is killed); an exit code not 0, 1, or 130 after
   Ctrl-C; a failure whose last line (`  | ` quotes aside) is no `buck: <reason>`; a client
   traceback (but not Python's own, when Ctrl-C comes before buck.py's first line runs);
+- what a client that exited 0 printed: `server --json` naming a buckd of another version,
+  or, with a setting unlike that buckd's, no line saying the change; `status [--all]
+  --json` no JSON, a decoy named as a buckd, a running buckd without issue 20's fields
+  (commands, rss_bytes, ...); a `status --all` line naming no daemon dir; `hash` output
+  other than sha256sum's; `killall` leaving a buckd that held buckd.pid before it began;
 - a buckd stderr quoted by a client (`  | ` lines) showing a panic other than `debug crash`;
 - a buckd a client lost under a command (`lost buckd (pid N)`) that we did not SIGKILL,
   SIGSTOP or `debug crash`;
-- `hash` exiting 0 with output other than sha256sum's;
 - a process with our HOME still running after the final `kill`s (it is then SIGKILLed);
 - lifecycle.check() over BUCK_LIFECYCLE_LOG (tools/lifecycle.py), with killed= every pid
   we SIGKILLed. Guarantee-1 findings that name a daemon dir whose buckd.pid we replaced
@@ -47,7 +53,6 @@ within --seconds + 65 s, and removes every process and file it made, Ctrl-C or n
 """
 import argparse
 import collections
-import fcntl
 import importlib.util
 import json
 import os
@@ -55,7 +60,6 @@ import random
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -63,6 +67,9 @@ import threading
 import time
 
 import lifecycle         # beside us in tools/: the checker, load_buck(), other_version()
+
+buck = lifecycle.load_buck()    # ROOT on sys.path: the product's own helpers
+import buckd            # noqa: E402  (after buck: buckd imports it)
 
 PY = sys.executable
 ISOLATION_DIRS = ("v2", "iso-a", "iso-b")
@@ -72,11 +79,14 @@ CLIENT_BOUND = 40.0     # seconds a client may run
 FINAL_BUDGET = 10.0     # seconds for the final kills
 OTHER_VERSION_ODDS = 0.1
 ACTIONS = {"server": 20, "status": 15, "hash": 20, "sleep": 20, "burst": 2, "status_all": 4,
-           "kill": 4, "killall": 1, "crash": 1}
+           "settings": 4, "kill": 4, "killall": 2, "crash": 1}
 ALL_DIRS = ("status_all", "killall")   # actions on every buckd of the HOME: no --isolation-dir
+SETTING_VALUES = {buck.IDLE_TIMEOUT_ENV: ("0", "1.5", "3", "100"),     # valid, and each check
+                  buck.CHECK_INTERVAL_ENV: ("0.2", "0.3", "1")}        # interval <= 1 s (see above)
+RUNNING_FIELDS = {"commands", "rss_bytes", "peak_rss_bytes", "cpu_s", "check_interval_s",
+                  "idle_timeout_s"}
 FAULTS = {"sigkill": 7, "stop_cont": 3, "ctrl_c": 3, "damage_info": 3, "pid_names_decoy": 4}
 HASH_ARGS = (("tree",), ("tree/big.bin", "tree/a", "tree/with space"))
-Proc = collections.namedtuple("Proc", "pid argv state pgrp sid")
 
 
 def make_tree(repo, rng):
@@ -112,30 +122,8 @@ def version_of(script):
                           check=True).stdout.split()[1]
 
 
-def lock_holder(path):
-    """The pid holding a POSIX record lock on path (F_GETLK takes nothing), or None."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        query = struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0)
-        answer = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, query))
-    finally:
-        os.close(fd)
-    return None if answer[0] == fcntl.F_UNLCK else answer[4]
-
-
 def isolation_of(argv):
     return argv[argv.index(b"--isolation-dir") + 1].decode() if b"--isolation-dir" in argv else "v2"
-
-
-def poll(condition, timeout):
-    """Wait for condition() to be true, at most timeout seconds; its last value."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return value
 
 
 class Soak:
@@ -149,7 +137,7 @@ class Soak:
             names.LOG_ENV: self.log, names.CHECK_INTERVAL_ENV: str(CHECK_INTERVAL)})
         self.says = re.escape(f"{names.TOOL}: ")                # a line of buck's own
         self.crash_said = f"`{names.TOOL} debug crash` was invoked"   # its simulated panic
-        self.home_var, self.sid = f"HOME={self.home}".encode(), os.getsid(0)
+        self.sid = os.getsid(0)
         self.clients, self.decoys = {}, []      # pid -> Popen; Popens
         self.killed, self.interrupted, self.stopped = set(), set(), set()
         self.replaced, self.seen_buckds, self.panics, self.lost = set(), set(), set(), set()
@@ -171,34 +159,23 @@ class Soak:
         self.buck = lifecycle.copy_sources(self.opts.buck, os.path.join(self.tmp, "buck"))
         self.other = lifecycle.other_version(self.buck, os.path.join(self.tmp, "other"))
         self.versions = {s: version_of(s) for s in (self.buck, self.other)}
+        os.environ["HOME"] = self.home  # buck's daemon dirs, as our clients have them
+        cwd = os.getcwd()
+        os.chdir(self.repo)
+        try:
+            self.dirs = {iso: buck.daemon_dir(iso) for iso in ISOLATION_DIRS}
+        finally:
+            os.chdir(cwd)
         self.decoys = [self.start_decoy() for _ in range(3)]
 
     def start_decoy(self):
         return subprocess.Popen(["sleep", "100000"], process_group=0, stdin=subprocess.DEVNULL)
 
-    def daemon_dir(self, iso):
-        return os.path.join(self.home, self.names.STATE_DIR, self.names.DAEMON,
-                            self.repo.lstrip("/"), iso)
-
     # --- processes
 
     def scan(self):
         """The live processes carrying our HOME: clients, launchers, buckds."""
-        found = []
-        for name in os.listdir("/proc"):
-            try:
-                with open(f"/proc/{name}/environ", "rb") as f:
-                    if self.home_var not in f.read().split(b"\0"):
-                        continue
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    stat = f.read().rsplit(b")", 1)[1].split()
-            except (OSError, ValueError):
-                continue                # not a pid, or gone meanwhile
-            if stat[0] != b"Z":
-                found.append(Proc(int(name), argv, stat[0].decode(), int(stat[2]), int(stat[3])))
-        return found
+        return lifecycle.processes(self.home)
 
     def buckds(self):
         """{pid: Proc} of the buckds: `buck daemon` processes detached from our session."""
@@ -211,13 +188,8 @@ class Soak:
     def current_daemon(self, iso, buckds):
         """The buckd a dir's files name (the buckd.pid lock holder, buckd.info's pid), if it
         is one /proc confirms as ours."""
-        d = self.daemon_dir(iso)
-        named = [lock_holder(os.path.join(d, self.names.PID_FILE))]
-        try:
-            with open(os.path.join(d, self.names.INFO_FILE)) as f:
-                named.append(json.load(f)["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+        d = self.dirs[iso]
+        named = [buckd.holder(d), (buckd.read_info(d) or {}).get("pid")]
         return next((pid for pid in named if pid in buckds), None)
 
     def send(self, pid, sig, group=False):
@@ -237,16 +209,20 @@ class Soak:
 
     # --- clients
 
-    def spawn(self, script, iso, args, action):
-        """A client in isolation dir iso (None: no --isolation-dir, for every buckd)."""
+    def spawn(self, script, iso, args, action, setting=None):
+        """A client in isolation dir iso (None: no --isolation-dir, for every buckd);
+        setting: (name, value) of a daemon setting in its environment."""
         where = ["--isolation-dir", iso] if iso else []
         with self.lock:                 # the decoys alive now: a buckd can have none's pid
             decoys = {d.pid: d for d in self.decoys}
+        holders = {d: buckd.holder(d) for d in self.dirs.values()} if action == "killall" else {}
         proc = subprocess.Popen([PY, script, *where, *args], cwd=self.repo,
-                                env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                env=dict(self.env, **dict([setting] if setting else [])),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, process_group=0)   # a terminal's job
         proc.script, proc.iso, proc.args, proc.action = script, iso, tuple(args), action
-        proc.started, proc.decoys = time.monotonic(), decoys
+        proc.started, proc.decoys, proc.setting = time.monotonic(), decoys, setting
+        proc.holders = holders          # killall: each dir's buckd before it began
         with self.lock:
             self.clients[proc.pid] = proc
         return proc
@@ -292,7 +268,7 @@ class Soak:
         elif code != 0 and not interrupted:
             self.violation("bad exit or last line", f"{self.label(proc)}: exit {code}: {own[-3:]}")
         if code == 0:
-            self.check_output(proc, out)
+            self.check_output(proc, out, own)
         for line in own:
             if re.match(self.says, line):
                 self.count(self.notices, line, proc)
@@ -306,20 +282,74 @@ class Soak:
         return (proc.pid in self.interrupted and own[-1].startswith("KeyboardInterrupt")
                 and not any(path == proc.script and int(n) > 0 for path, n in frames))
 
-    def check_output(self, proc, out):
+    def check_output(self, proc, out, own):
+        """What a client that exited 0 printed."""
         if proc.args[0] == "server":
             try:
-                version = json.loads(out)["version"]
+                reply = json.loads(out)
+                version = reply["version"]
             except (ValueError, KeyError, TypeError):
-                version = f"unreadable output {out[:80]!r}"
+                reply, version = {}, f"unreadable output {out[:80]!r}"
             if version != self.versions[proc.script]:
                 self.violation("used another version", f"{self.label(proc)}: client "
                                f"{self.versions[proc.script]} got a daemon of {version}")
+            self.check_running(proc, [reply])
+            self.check_setting_said(proc, reply, own)
+        elif proc.args[:2] == ("status", "--json"):
+            try:
+                self.check_running(proc, [json.loads(out)])
+            except ValueError:
+                self.violation("status --json output", f"{self.label(proc)}: {out[:80]!r}")
         elif proc.args[:3] == ("status", "--all", "--json"):
             self.check_status_all(proc, out)
+        elif proc.args[:2] == ("status", "--all"):
+            self.check_status_lines(proc, out)
+        elif proc.args[0] == "killall":
+            self.check_killall(proc)
         elif proc.args[0] == "hash" and out != self.expected[proc.args[1:]]:
             self.violation("hash differs from sha256sum", f"{self.label(proc)}: {len(out)} "
                            f"bytes, expected {len(self.expected[proc.args[1:]])}")
+
+    def check_running(self, proc, rows):
+        """Status rows of running buckds have the fields of issue 20's status."""
+        for row in rows:
+            if not isinstance(row, dict) or row.get("state") != "running":
+                continue
+            missing = RUNNING_FIELDS - row.keys()
+            commands = row.get("commands", [])
+            if missing or not all(isinstance(c, dict) and {"args", "client_pid", "running_s"}
+                                  <= c.keys() for c in commands):
+                self.violation("status fields", f"{self.label(proc)}: missing {sorted(missing)}"
+                               f" or malformed commands {str(commands)[:80]}")
+
+    def check_setting_said(self, proc, reply, own):
+        """A setting the client gives unlike the buckd's it names is said in one line
+        (applied, or why not): never silently ignored."""
+        if not proc.setting or "pid" not in reply:
+            return
+        name, value = proc.setting
+        had, given = reply.get(buck.SETTINGS[name][0]), float(value)
+        said = f"{name} {had:g} -> {given:g} s" if isinstance(had, (int, float)) else None
+        if had != given and not any(said and said in line for line in own):
+            self.violation("setting silently ignored", f"{self.label(proc)}: buckd "
+                           f"{reply['pid']} had {had}, and the client said nothing of it")
+
+    def check_status_lines(self, proc, out):
+        """`status --all`: a line per daemon dir (its state, or the running buckd's figures
+        and the commands it runs), or that none runs."""
+        home = os.fsencode(os.path.dirname(os.path.dirname(self.dirs["v2"])))
+        none = f"no {self.names.DAEMON} running".encode()
+        bad = [line for line in out.splitlines() if not (
+            line == none or line.startswith(home) and b": " in line and b"pid " in line)]
+        if bad:
+            self.violation("status --all output", f"{self.label(proc)}: {bad[0][:100]!r}")
+
+    def check_killall(self, proc):
+        """killall exited 0: no buckd that held buckd.pid before it began still holds it
+        (one that a racing client started meanwhile may run)."""
+        left = {d: pid for d, pid in proc.holders.items() if pid and buckd.holder(d) == pid}
+        if left:
+            self.violation("killall exit 0, a buckd left", f"{self.label(proc)}: {left}")
 
     def check_status_all(self, proc, out):
         """`status --all --json`: a JSON array of objects, one per buckd. None but a dead
@@ -338,6 +368,7 @@ class Soak:
                  if x.get("pid") in decoys and x.get("state") != "dead"]
         if named:
             self.violation("status --all named a decoy", f"{self.label(proc)}: pids {named}")
+        self.check_running(proc, daemons)
 
     def check_quoted_panic(self, proc, lines):
         """A buckd stderr quoted by a client: a panic there must be `debug crash`'s."""
@@ -377,9 +408,9 @@ class Soak:
         client's own or the other one."""
         own = self.versions[proc.script]
         other, = set(self.versions.values()) - {own}
-        line = line.replace(self.daemon_dir(""), "$DAEMONS/").replace(self.tmp, "$TMP")
+        line = line.replace(os.path.dirname(self.dirs["v2"]), "$DAEMONS").replace(self.tmp, "$TMP")
         line = re.sub(r"\d+(\.\d+)?", "N", line.replace(own, "<own>").replace(other, "<other>"))
-        return line.replace("/vN/", "/v2/")
+        return re.sub(r"/vN\b", "/v2", line)
 
     def count(self, counter, line, proc):
         with self.lock:
@@ -412,10 +443,18 @@ class Soak:
                     "burst": ["debug", "sleep", f"{self.opts.burst_sleep:g}"],
                     "status_all": ["status", "--all", "--json"] if rng.random() < 0.7
                     else ["status", "--all"],
+                    "settings": ["server", "--json"],
                     "killall": ["killall"], "crash": ["debug", "crash"]}[action]
             iso = None if action in ALL_DIRS else iso
-            procs = [self.spawn(script, iso, args, action)
+            setting = None
+            if action == "settings":
+                name = rng.choice(list(SETTING_VALUES))
+                setting = (name, rng.choice(SETTING_VALUES[name]))
+            procs = [self.spawn(script, iso, args, action, setting)
                      for _ in range(self.opts.burst if action == "burst" else 1)]
+            if action == "killall":     # racing starts: a `server` in every isolation dir
+                procs += [self.spawn(script, iso, ["server", "--json"], "server")
+                          for iso in ISOLATION_DIRS]
             for proc in procs:
                 self.finish(proc)
 
@@ -474,7 +513,7 @@ class Soak:
 
     def damage_info(self, rng):
         """buckd.info garbled, truncated to half, or deleted."""
-        path = os.path.join(self.daemon_dir(rng.choice(ISOLATION_DIRS)), self.names.INFO_FILE)
+        path = os.path.join(self.dirs[rng.choice(ISOLATION_DIRS)], self.names.INFO_FILE)
         how = rng.choice(("garbled", "truncated", "deleted"))
         if how == "garbled":
             with open(path, "r+b") as f:
@@ -488,7 +527,7 @@ class Soak:
     def pid_names_decoy(self, rng):
         """buckd.pid naming a live decoy: rewritten in place (the file buckd still locks)
         or replaced by a new, unlocked file."""
-        path = os.path.join(self.daemon_dir(rng.choice(ISOLATION_DIRS)), self.names.PID_FILE)
+        path = os.path.join(self.dirs[rng.choice(ISOLATION_DIRS)], self.names.PID_FILE)
         decoy = f"{rng.choice(self.decoys).pid}\n"
         if rng.random() < 0.5:
             with open(path, "r+") as f:
@@ -538,7 +577,7 @@ class Soak:
             self.dup_time[iso] = before + elapsed if len(by_dir[iso]) > 1 else 0.0
             self.longest_dup = max(self.longest_dup, self.dup_time[iso])
             if before <= DUPLICATE_LIMIT < self.dup_time[iso]:
-                replaced = self.daemon_dir(iso) in self.replaced
+                replaced = self.dirs[iso] in self.replaced
                 self.violation("two buckd for one dir", f"{iso}: pids {sorted(by_dir[iso])} "
                                f"for > {DUPLICATE_LIMIT:g} s (buckd.pid replaced: {replaced})")
 
@@ -573,7 +612,7 @@ class Soak:
         """The final `kill`s, the decoys, then any process left with our HOME: a violation."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not skip this
         self.stop_workers(hurry)
-        poll(lambda: not self.launchers(), 5)          # orphaned starts end first
+        buck.poll(lambda: not self.launchers(), 5, 0.05)   # orphaned starts end first
         budget_end = time.monotonic() + FINAL_BUDGET
         for iso in ISOLATION_DIRS:
             for script in (self.buck, self.other):
@@ -584,7 +623,7 @@ class Soak:
         for d in self.decoys:
             d.kill()
             d.wait()
-        leftovers = [] if poll(lambda: not self.scan(), 5) else self.scan()
+        leftovers = [] if buck.poll(lambda: not self.scan(), 5, 0.05) else self.scan()
         for p in leftovers:
             self.send(p.pid, signal.SIGKILL)
             argv = b" ".join(p.argv).decode(errors="replace")
@@ -617,7 +656,7 @@ class Soak:
     def report(self, checked):
         out = [f"chaos: seed {self.opts.seed}, {self.opts.seconds:g} s, "
                f"{self.opts.workers} workers, bursts {self.opts.burst}x{self.opts.burst_sleep:g}s, "
-               f"buck {self.versions[self.buck]} (a copy of {os.path.abspath(self.opts.buck)}), "
+               f"buck {self.versions[self.buck]} (a copy of {self.opts.buck}), "
                f"other {self.versions[self.other]}",
                *self.notes, "actions (clients: exit 0 / 1 / 130 after Ctrl-C / SIGKILLed / other):"]
         for action in [*ACTIONS, "final kill"]:
@@ -647,9 +686,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workers", type=int, default=6)
     parser.add_argument("--buck", default=lifecycle.BUCK)
-    parser.add_argument("--burst", type=int, default=20, help="clients in a burst (20)")
+    parser.add_argument("--burst", type=int, default=20, help="clients in a burst (20; more "
+                        f"than buckd.MAX_COMMANDS, {buckd.MAX_COMMANDS}, makes buckd busy)")
     parser.add_argument("--burst-sleep", type=float, default=1, help="their debug sleep (1 s)")
     opts = parser.parse_args(argv)
+    opts.buck = os.path.abspath(opts.buck)
     if not sys.platform.startswith("linux") or importlib.util.find_spec("grpc") is None:
         sys.exit("chaos: needs Linux and a Python with grpc (.venv/bin/python)")
     soak = Soak(opts)

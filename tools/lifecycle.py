@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: MIT OR Apache-2.0. Upstream file of buckd: replace it on upgrade, never edit it.
 """lifecycle: check and draw the buckd lifecycle log, the evidence for the design doc's
-three guarantees (buck2's daemon_lifecycle.md, "correctness").
+three guarantees (buck2's daemon_lifecycle.md, "correctness"). A development tool, vendored
+because test_buckd.py imports it; not part of buck.
 
 With BUCK_LIFECYCLE_LOG=PATH every buck client and every buckd appends to PATH one JSON
 object per step of the doc it takes, each line one O_APPEND write(): the file's order is
@@ -26,8 +27,9 @@ lanes() draws the log, a row per line and a column per process; its legend says 
     python tools/lifecycle.py race [--clients N] [--buck PATH]   a real cold race of two versions
 
 The tools beside this file (chaos.py, bench.py) share load_buck(), copy_sources(),
-other_version() and clean_env().
+other_version(), clean_env() and processes().
 """
+import collections
 import importlib.util
 import itertools
 import json
@@ -399,6 +401,29 @@ def clean_env(buck, **values):
     return {**{k: v for k, v in os.environ.items() if k not in knobs}, **values}
 
 
+Proc = collections.namedtuple("Proc", "pid argv state pgrp sid")
+
+
+def processes(home):
+    """The live processes but this one whose environment has HOME=home (clients, launchers,
+    buckds), as Procs: pid, argv (bytes), state (a letter of /proc/PID/stat), pgrp, sid."""
+    found, needle = [], b"HOME=" + os.fsencode(home)
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0") or int(name) == os.getpid():
+                    continue
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")[:-1]
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue                    # gone meanwhile, or not ours to read
+        if stat[0] != b"Z":
+            found.append(Proc(int(name), argv, stat[0].decode(), int(stat[2]), int(stat[3])))
+    return found
+
+
 # --- A real race
 
 def race(buck_py, clients=12):
@@ -450,14 +475,21 @@ def finish(proc, timeout=120):
 
 def leftovers(buck, home):
     """The buckds still running under home, each SIGKILLed. Only the process the kernel
-    says holds a buckd.pid lock is signalled: a pid from the log may have been reused."""
-    pids = []
-    for top, _, files in os.walk(home):
-        if buck.PID_FILE in files:
-            pid = buck.holder(top)
-            if pid and pid > 1:
-                os.kill(pid, signal.SIGKILL)
-                pids.append(pid)
+    says holds a buckd.pid lock is signalled (buckd.holder): a pid from the log may have
+    been reused. The daemon dirs are buckd.all_daemon_dirs()'s, with HOME=home."""
+    load_buck()                         # ROOT on sys.path, `import buck`: then buckd imports
+    import buckd
+    saved, os.environ["HOME"] = os.environ.get("HOME"), home
+    try:
+        dirs, _ = buckd.all_daemon_dirs()
+    finally:
+        if saved is None:
+            del os.environ["HOME"]
+        else:
+            os.environ["HOME"] = saved
+    pids = [pid for pid in map(buckd.holder, dirs) if pid and pid > 1]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
     return pids
 
 
