@@ -69,7 +69,7 @@ def cmd_count(call):
     import checks
     least = call.options.get("min", "0")
     if not least.isdigit():
-        raise buck.Fail(f"--min must be a whole number, not {buck.shown(least)}", buck.EXIT_USAGE)
+        raise buck.Fail(f"--min must be a whole number, not {buck.printable(least)}", buck.EXIT_USAGE)
     code = 0
     for arg in call.args:
         try:
@@ -77,7 +77,7 @@ def cmd_count(call):
             with open(fd, "rb") as f:
                 n = checks.lines(f.read())
         except OSError as e:
-            yield "stderr", f"{buck.TOOL} count: {buck.shown(arg)}: {e.strerror}\\n".encode()
+            yield "stderr", f"{buck.TOOL} count: {buck.printable(arg)}: {e.strerror}\\n".encode()
             code = 1
             continue
         counted["files_counted"] += 1
@@ -431,7 +431,7 @@ def test_vendored_tool_reads_its_own_environment(mono):
     pid = mono.pid()
     wait_for(lambda: not alive(pid), what="acmed to end itself, idle")
     r = mono("status")
-    assert r.out == f"no acmed running\nthe last one, pid {pid} ended by idle: no client for 1 s " \
+    assert r.out == f"no acmed running\nthe last one, pid {pid} ended by idle: no command for 1 s " \
                     "(ACMED_IDLE_TIMEOUT)\n"
 
     r = mono("server", env={"ACMED_IDLE_TIMEOUT": "0"})
