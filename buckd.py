@@ -1,19 +1,24 @@
 # SPDX-License-Identifier: MIT OR Apache-2.0. Upstream file of buckd: replace it on upgrade, never edit it.
-"""buckd, the buck daemon, and the files of its daemon dir, after daemon_lifecycle.md (link:
-buck.py). First the files, as buckd writes them and clients read them; then "daemon process
-flow" in its order: `buck daemon` daemonizes (main); buckd locks buckd.pid, redirects its
-output, serves the DaemonApi, writes buckd.info (run), until one of the ways to shut down (serve)."""
+"""buckd: the daemon lifecycle of buck2's daemon_lifecycle.md (link: buck.py), both sides, in
+the doc's order. First the daemon dir's files, as buckd writes them and clients read them; then
+"daemon process flow": `buck daemon` daemonizes (main); buckd locks buckd.pid, redirects its
+output, serves the DaemonApi, writes buckd.info (run), until a way to shut down (serve); then
+the client's side: "client connection and buckd startup" (connect, restart) and "buck kill"."""
 import fcntl, os, select, signal, stat, sys, threading, time
 
 import buck
-from buck import (DAEMON, END_FILE, INFO_FILE, PID_FILE, PREV_DIR, STDERR_FILE, STDOUT_FILE,
-                  TOOL, printable)
+from buck import (ATTEMPTS, DAEMON, END_FILE, EXIT_ALREADY_RUNNING, EXIT_FAILED, EXIT_INTERRUPTED,
+                  EXIT_TIMEOUT, EXIT_USAGE, HERE, INFO_FILE, KILLALL_PATIENCE, KILL_TIMEOUT,
+                  LOCK_FILE, LOCK_PATIENCE, LOCK_TIMEOUT, PID_FILE, PREV_DIR, RECHECK_TIMEOUT,
+                  SETTINGS, STARTED_ENV, START_TIMEOUT, STATUS_TIMEOUT, STDERR_FILE, STDOUT_FILE,
+                  STUBS, TOKEN_KEY, TOOL, Fail, checksum, daemon_dir, daemon_settings, open_file,
+                  out, owned, poll, printable, read_file, say, step, to_stderr, version, write_json)
 
 GRACE = 2.0             # seconds running commands get, at shutdown, to say why they end
 MAX_COMMANDS = 256      # commands running at once; one more is refused: buckd is busy
 SPARE_THREADS = 16      # server threads beyond those: Status and Kill never queue
 NOFOLLOW = os.O_NOFOLLOW    # every file of a daemon dir: a planted symlink is refused, not followed
-grpc = pb = None        # imported after daemonizing: grpc must not cross a fork
+grpc = pb = pb_grpc = None  # imported by load_grpc: in buckd after daemonizing (no fork after)
 
 
 # --- The daemon dir's files: buckd.pid, buckd.info, buckd.end, the logs and prev/
@@ -215,28 +220,28 @@ def run(api, ready):
     """buckd from start to exit, as "daemon process flow" tells it."""
     try:
         lock_pid_file(api)                      # "write its pid to a locked file buckd.pid"
-        step(api, "daemon.locked")
+        daemon_step(api, "daemon.locked")
         record_start(api)
         redirect_stdio(api)                     # "It redirects its stdout and stderr to files"
         server = start_server(api)              # "starts up the grpc DaemonApi server"
         write_info(api)                         # "write the port ... to the buckd.info file"
     except OSError as e:
         return startup_failed(api, ready, e)
-    step(api, "daemon.serving", port=api.port)
+    daemon_step(api, "daemon.serving", port=api.port)
     log(f"serving on 127.0.0.1:{api.port}")
     report_ready(ready, 0, "")                  # "Once that is done, the server is ready"
     how, reason = serve(api)
     api.shutdown(reason)
-    step(api, "daemon.shutdown", reason=reason, path=how)
+    daemon_step(api, "daemon.shutdown", reason=reason, path=how)
     log(f"shutting down ({how}): {reason}")
     record_end(api, how, reason)
     server.stop(GRACE).wait()                   # running commands get to say why they end
     remove_info(api)
-    step(api, "daemon.exit")
+    daemon_step(api, "daemon.exit")
     return 0
 
 
-def step(api, name, **fields):
+def daemon_step(api, name, **fields):
     buck.step(name, api.dir, role="daemon", refuse=api.pid_stat, **fields)
 
 
@@ -247,10 +252,10 @@ def startup_failed(api, ready, e):
         return report_ready(ready, buck.EXIT_ALREADY_RUNNING,
                             f"{DAEMON} is already running for {printable(api.dir)} (pid {pid})")
     if api.pid_stat is not None:                # we hold buckd.pid: the records say we end
-        step(api, "daemon.shutdown", reason=problem, path="startup")
+        daemon_step(api, "daemon.shutdown", reason=problem, path="startup")
         record_end(api, "startup failure", problem)
         remove_info(api)
-        step(api, "daemon.exit")
+        daemon_step(api, "daemon.exit")
     verb = "lock" if api.pid_stat is None else "start"
     return report_ready(ready, buck.EXIT_FAILED, f"{DAEMON} cannot {verb}: {problem}")
 
@@ -410,9 +415,9 @@ def panic(api, error):
     """A bug of buckd's own, wherever it happens: log its traceback, exit at once."""
     import traceback
     traceback.print_exception(error)
-    step(api, "daemon.shutdown", reason=f"panic: {error!r}", path="panic")
+    daemon_step(api, "daemon.shutdown", reason=f"panic: {error!r}", path="panic")
     record_end(api, "panic", repr(error))
-    step(api, "daemon.exit")
+    daemon_step(api, "daemon.exit")
     sys.stderr.flush()
     os._exit(buck.EXIT_PANIC)
 
@@ -429,11 +434,10 @@ def panics(method):
 
 def start_server(api):
     """The DaemonApi on 127.0.0.1: a thread per command (MAX_COMMANDS), and spares."""
-    global grpc, pb
     import socket
     from concurrent.futures import ThreadPoolExecutor
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    grpc, pb, pb_grpc = buck.load_grpc()
+    load_grpc()
     os.environ[buck.INSTANCE_ENV] = instance(os.getpid(), api.start_time)   # before any thread:
     server = grpc.server(ThreadPoolExecutor(MAX_COMMANDS + SPARE_THREADS),  # what we run inherits it
                          interceptors=[require_token(api.token)], options=[("grpc.so_reuseport", 0)])
@@ -595,3 +599,554 @@ def run_workload(request, stop, pid_stat):
         message = buck.usage_error(request.name, e) if e.code == buck.EXIT_USAGE else e
         yield pb.CommandEvent(stderr=f"{TOOL}: {message}\n".encode(errors="backslashreplace"))
         return e.code
+
+
+# --- The client's side: "client connection and buckd startup", then "buck kill" and the
+# commands that report buckds. Every command but help, version and daemon comes here.
+def client(isolation, name, args, options):
+    import json, signal     # (json before our Ctrl-C handler, whose step() needs it whole)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `buck hash | head` ends quietly
+    signal.signal(signal.SIGINT, interrupted)
+    if name in LOCAL_COMMANDS:
+        return LOCAL_COMMANDS[name](isolation, options)
+    return run_command(owned(daemon_dir(isolation)), isolation, name, args, options)
+
+
+def interrupted(*_):
+    """Ctrl-C once grpc may be loaded: exit now (grpc finalizers swallow KeyboardInterrupt)."""
+    for d in list(held_locks):
+        step("restart.6", d)
+    os._exit(EXIT_INTERRUPTED)
+
+
+held_locks = set()                  # the daemon dirs whose lifecycle.lock we hold
+
+
+def load_grpc():
+    """Import grpc and the stubs beside us. grpc is quiet here; buckd gets the user's setting."""
+    global grpc, pb, pb_grpc
+    if grpc is None:
+        quiet = "GRPC_VERBOSITY" not in os.environ
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+        sys.path.insert(0, HERE)
+        try:
+            import grpc, daemon_pb2 as pb, daemon_pb2_grpc as pb_grpc    # (into our globals)
+        except ImportError as e:
+            raise Fail(f"{e}: {TOOL} needs grpcio and protobuf in {printable(HERE)} ({STUBS})")
+        finally:
+            if quiet:               # grpc has read it by now
+                del os.environ["GRPC_VERBOSITY"]
+    return grpc, pb, pb_grpc
+
+
+class Connection:
+    """A channel to the buckd a info names; its token is also that buckd's identity."""
+
+    def __init__(self, info):
+        load_grpc()
+        no_proxy = [("grpc.enable_http_proxy", 0)]
+        channel = grpc.insecure_channel(f"127.0.0.1:{info['port']}", options=no_proxy)
+        self.stub = pb_grpc.DaemonApiStub(channel)
+        self.metadata = ((TOKEN_KEY, info["auth_token"]),)
+
+    def status(self, timeout=STATUS_TIMEOUT):
+        return self.stub.Status.future(pb.StatusRequest(), timeout=timeout, metadata=self.metadata)
+
+    def kill(self, reason):
+        """The Kill call, under way: its .exception() is None once buckd took it."""
+        request = pb.KillRequest(reason=reason)
+        return self.stub.Kill.future(request, timeout=KILL_TIMEOUT, metadata=self.metadata)
+
+
+def rpc_error(e):
+    return f"{e.code().name}: {e.details()}" if isinstance(e, grpc.Call) else str(e)
+
+
+class Why:
+    """Why a client (re)starts buckd: an outcome of steps 1-3 that is not a connection, named
+    (as buck2's connect.rs names them), and the words that say it."""
+
+    def __init__(self, outcome, text):
+        self.outcome, self.text = outcome, text
+
+
+NO_DAEMON, CORRUPT, NOT_USABLE, MISMATCH, CRASHED = (
+    "no daemon", "corrupt info", "not usable", "version mismatch", "crashed")
+
+
+def connect(d, isolation):
+    """Steps 1-3 of "client connection", and a (re)start when they fail: yields a checked
+    (Connection, Status reply) each time the caller needs one, ATTEMPTS in all for the whole
+    command (the one bound on restarts and resends), then gives up."""
+    try:
+        daemon_settings()
+    except Fail as e:
+        raise Fail(f"bad {DAEMON} setting: {e}") from None
+    for _ in range(ATTEMPTS):
+        raw = read_file(os.path.join(d, INFO_FILE), os.O_NOFOLLOW)     # 1. read info
+        step("connect.1", d, found=raw is not None)
+        conn, reply, why = check_version(d, raw)                      # 2-3. connect, check
+        if conn:
+            apply_settings(d, conn, reply)
+            yield conn, reply
+        else:
+            restart(d, isolation, raw, why)
+    raise Fail(f"gave up after {ATTEMPTS} attempts to reach a {DAEMON} of this version that takes "
+               "the command: it keeps being replaced (is a client of another version running?)")
+
+
+# Correctness 3, "A client only uses a buckd connection after making sure it has a compatible
+# version": a Connection is only ever returned here, after a Status naming our version.
+def check_version(d, raw, timeout=STATUS_TIMEOUT):
+    """Steps 2-3: (Connection, Status reply, None), or (None, None, Why)."""
+    info, pid = parse_info(raw), holder(d)
+    if info is None and (raw or pid):
+        what = "corrupt" if raw else f"missing, while pid {pid} holds {PID_FILE}"
+        return None, None, Why(CORRUPT, f"{INFO_FILE} is {what}")
+    if info is None:
+        return None, None, Why(NO_DAEMON, f"no {DAEMON} was running")
+    conn = Connection(info)
+    try:
+        reply = conn.status(timeout).result()
+    except grpc.RpcError as e:
+        return None, None, Why(NOT_USABLE, f"{DAEMON} (pid {info['pid']}) is not usable ({rpc_error(e)})")
+    ok = reply.version == version()
+    step("connect.3", d, daemon_pid=reply.pid, daemon_version=reply.version, ok=ok)
+    if not ok:
+        return None, None, Why(MISMATCH, f"{DAEMON} version mismatch (daemon {reply.version}, client {version()})")
+    return conn, reply, None
+
+
+def apply_settings(d, conn, reply):
+    """A setting this client gives (BUCKD_...) that differs from buckd's is applied to it live
+    and said in one line; never to the buckd that runs this command."""
+    given, wanted, changes = daemon_settings(given_only=True), pb.Settings(), []
+    wanted.CopyFrom(reply.settings)
+    for name, (field, *_) in SETTINGS.items():
+        if field in given and given[field] != getattr(wanted, field):
+            changes.append(f"{name} {getattr(wanted, field):g} -> {given[field]:g} s")
+            setattr(wanted, field, given[field])
+    if not changes:
+        return
+    changed, inside = ", ".join(changes), runs_this_command(d)
+    step("settings", d, daemon_pid=reply.pid, changes=changes, applied=not inside)
+    if inside:
+        return say(f"this command runs inside {DAEMON} (pid {reply.pid}): not changing {changed}")
+    try:
+        conn.stub.Configure(wanted, timeout=STATUS_TIMEOUT, metadata=conn.metadata)
+    except grpc.RpcError as e:
+        raise Fail(f"{DAEMON} (pid {reply.pid}): could not apply {changed} ({rpc_error(e)})") from None
+    reply.settings.CopyFrom(wanted)
+    say(f"{DAEMON} (pid {reply.pid}): {changed}, applied")
+
+
+# "To start/restart the buckd process, the client does:"
+def restart(d, isolation, seen, why):
+    """Steps 1-6, unless once we hold the lock buckd no longer needs them. `seen`: the bytes of
+    info that steps 1-3 failed on."""
+    with LifecycleLock(d):                  # 1. lock "lifecycle.lock"; 6. release it on leaving
+        wait_while_a_buckd_starts(d)
+        if read_file(os.path.join(d, INFO_FILE), os.O_NOFOLLOW) != seen:
+            return                          # another client restarted it meanwhile
+        if answers_when_asked_again(d, seen, why):
+            return                          # it was only us that were paused
+        refuse_to_restart_here(d, why)
+        why = report_crash(d, seen, why)    # said, and its logs kept in prev/
+        say(f"{'starting' if why.outcome in (NO_DAEMON, CRASHED) else 'restarting'} {DAEMON}: {why.text}")
+        kill_daemon(d, f"{DAEMON} was restarted by pid {os.getpid()}: {why.text}")   # 2-3. kill it
+        start_daemon(d, isolation, why)     # 4-5. run `buck daemon`, wait until it serves
+
+
+def wait_while_a_buckd_starts(d):
+    """Wait (START_TIMEOUT at most from its start) for a buckd that holds pid but is not
+    named in info yet: it is starting."""
+    pid = holder(d)
+    named = lambda: (read_info(d) or {}).get("pid") == pid
+    try:
+        age = time.time() - os.lstat(os.path.join(d, PID_FILE)).st_mtime
+    except OSError:
+        return
+    if pid and 0 <= age < START_TIMEOUT and not named():
+        poll(lambda: holder(d) != pid or named(), START_TIMEOUT - age)
+
+
+def answers_when_asked_again(d, seen, why):
+    """Ask a buckd that did not answer once more: maybe *we* were paused (Ctrl-Z, sleep)."""
+    return why.outcome == NOT_USABLE and check_version(d, seen, RECHECK_TIMEOUT)[0] is not None
+
+
+def refuse_to_restart_here(d, why):
+    """Fail if our own files changed on disk, or if this command runs inside the buckd to kill."""
+    if checksum() != version():
+        raise Fail(f"{TOOL}'s files changed on disk since this command started (an upgrade?): "
+                   "run it again; killing nothing")
+    if runs_this_command(d):
+        raise Fail(f"this command runs inside {DAEMON} (pid {holder(d)}), which it would have "
+                   f"to restart ({why.text}): refusing to kill the {DAEMON} that runs it")
+
+
+def report_crash(d, seen, why):
+    """Why we start buckd, in full. If the buckd that info names is gone without a clean
+    recorded end, it crashed: say so with its log, keep its logs in prev/, drop its info."""
+    info = parse_info(seen)
+    if info and holder(d) is None:
+        end = end_record(d)
+        if end.get("pid") != info["pid"] or end.get("how") in (None, "panic"):
+            keep_logs(d)
+            say(f"{DAEMON} crashed, see {crash_log(d, info['pid'])}")
+            ended = how_it_ended(d, info["pid"]) or "no record"
+            os.unlink(os.path.join(d, INFO_FILE))      # said once: the next client starts afresh
+            return Why(CRASHED, f"{DAEMON} (pid {info['pid']}) crashed or vanished ({ended})")
+    elif why.outcome != NO_DAEMON:
+        return why
+    last = how_it_ended(d, last_pid(d))     # (it may have ended just now: idle...)
+    return Why(NO_DAEMON, f"no {DAEMON} was running" + (f" (the last one, {last})" if last else ""))
+
+
+# Correctness 2, "Only a single client is killing/starting a buckd at a time": "When the client
+# is killing or starting the buckd process, it will grab an exclusive lock on the
+# "lifecycle.lock" file". A flock: the kernel releases it when its holder dies, however.
+class LifecycleLock:
+    """lifecycle.lock, open; `with` it: held (restart's steps 1 and 6). Its holder's words are in it."""
+
+    def __init__(self, d):
+        self.d, self.path = owned(d), os.path.join(d, LOCK_FILE)
+        os.makedirs(d, exist_ok=True)
+        self.fd = open_file(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):     # (a FIFO, a device: no lock to take)
+            os.close(self.fd)
+            raise OSError(0, "not a regular file", self.path)
+
+    def take(self):
+        """Take the lock if it is free; never wait."""
+        import fcntl
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def holder_words(self):
+        return printable(os.pread(self.fd, 200, 0).decode(errors="replace").strip())
+
+    def __enter__(self):
+        if not poll(self.take, LOCK_PATIENCE):
+            say(f"waiting for another {TOOL} client to finish starting or killing {DAEMON}: {self.holder_words()}")
+            if not poll(self.take, LOCK_TIMEOUT):
+                whom = self.holder_words()
+                os.close(self.fd)
+                raise Fail(f"timed out after {LOCK_TIMEOUT:.0f} s waiting for {LOCK_FILE} (held by: {whom})")
+        self.taken()
+        return self
+
+    def taken(self):
+        """Write who holds it, for those who wait; log restart.1."""
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()}: {command_line()}\n".encode(), 0)
+        held_locks.add(self.d)      # first: a Ctrl-C from here on still logs restart.6
+        step("restart.1", self.d)
+
+    def __exit__(self, *exception):
+        step("restart.6", self.d)
+        held_locks.discard(self.d)
+        os.close(self.fd)           # our only fd of it: closing it releases the flock
+
+
+def command_line():
+    return printable(" ".join([TOOL, *sys.argv[1:]]))
+
+
+def kill_daemon(d, reason):
+    """Steps 2-3 in one daemon dir: the pid killed, or None if no buckd ran."""
+    killed, left = kill_daemons([d], reason)
+    if left:
+        raise Fail(left[d])
+    return killed[d]
+
+
+def kill_daemons(dirs, reason):
+    """Steps 2-3 in each dir at once: ask its buckd to exit, then see it gone by pid (SIGTERM,
+    then SIGKILL). Returns ({dir: pid killed, or None}, {dir: why its buckd still runs})."""
+    import signal
+    running, calls = {}, {}
+    for d in dirs:
+        pid = running[d] = holder(d)
+        step("restart.2", d, daemon_pid=pid, reason=reason)
+        info = read_info(d)
+        if pid is not None and info and info["pid"] == pid:
+            calls[d] = Connection(info).kill(reason)        # all under way at once
+    running = {d: pid for d, pid in running.items() if pid is not None}
+    how = {d: "rpc" for d, call in calls.items() if call.exception() is None}
+    for d in running.keys() - how.keys():   # the same request, as a signal: buckd exits cleanly
+        how[d] = "sigterm"
+        signal_buckd(d, running[d], signal.SIGTERM, reason)
+    left = still_running(running)
+    for d in left:                          # the last resort
+        how[d] = "sigkill"
+        signal_buckd(d, running[d], signal.SIGKILL, reason)
+    left = still_running({d: running[d] for d in left})
+    for d, pid in running.items():
+        if d not in left and how[d] == "sigkill" and (read_info(d) or {}).get("pid") == pid:
+            os.unlink(os.path.join(d, INFO_FILE))   # it could not remove its info: we do
+        if d not in left:
+            step("restart.3", d, daemon_pid=pid, how=how[d])
+    killed = {d: running.get(d) for d in dirs if d not in left}
+    return killed, {d: f"could not kill {DAEMON} (pid {running[d]})" for d in left}
+
+
+def still_running(running):
+    """The dirs of `running` ({dir: pid}) whose buckd still holds pid after EXIT_TIMEOUT."""
+    left = lambda: [d for d, pid in running.items() if holder(d) == pid]
+    poll(lambda: not left(), EXIT_TIMEOUT)
+    return left()
+
+
+def signal_buckd(d, pid, sig, reason):
+    """Record who kills pid and why, then signal it, only if it holds pid's lock."""
+    import signal
+    if pid > 1 and pid != os.getpid() and holder(d) == pid:
+        if end_record(d).get("how") in (None, "kill"):   # (unless buckd has said how it ends)
+            end = {"pid": pid, "how": "kill", "why": f"{reason} ({sig.name})"}
+            write_json(os.path.join(d, END_FILE), end)        # (a signal does not say who, or why)
+        try:
+            os.kill(pid, sig)
+            os.kill(pid, signal.SIGCONT)    # a stopped buckd acts on it now
+        except ProcessLookupError:
+            pass                    # it has just exited
+
+
+def start_daemon(d, isolation, why):
+    """Steps 4-5: run `buck daemon` (why in its env) until buckd serves; exit 3, a kill: retry."""
+    import subprocess
+    told = f"{why.text} (by pid {os.getpid()}: {command_line()})"
+    argv = [sys.executable, os.path.realpath(buck.__file__), "--isolation-dir", isolation, "daemon"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, STARTED_ENV: told})
+    load_grpc()                     # our own grpc import overlaps the daemon's start
+    try:
+        _, err = proc.communicate(timeout=START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        kill_daemon(d, "it did not start in time")
+        raise Fail(f"{DAEMON} did not start within {START_TIMEOUT:.0f} s, see {crash_log(d, None)}")
+    step("restart.4", d, exit=proc.returncode, why=why.text)
+    if proc.returncode == 0:
+        step("restart.5", d, daemon_pid=holder(d))
+    elif proc.returncode > 0 and proc.returncode != EXIT_ALREADY_RUNNING:
+        said = (err.decode(errors="replace").strip().splitlines() or ["no reason given"])[-1]
+        raise Fail(f"{DAEMON} failed to start: {said.removeprefix(f'{TOOL}: ')}")
+
+
+# --- "buck kill and other daemon restarts", and the commands that report daemons
+
+def cmd_kill(isolation, options):
+    """`buck kill`: steps 1-3 and 6 of "start/restart"; the user's word, even from inside """
+    d = daemon_dir(isolation)
+    with LifecycleLock(d):
+        pid = kill_daemon(d, f"`{TOOL} kill` was invoked by pid {os.getpid()}")
+    out(f"{DAEMON} killed (pid {pid})\n" if pid is not None else f"no {DAEMON} running\n")
+    return 0
+
+
+def cmd_killall(isolation, options):
+    """`buck killall`: every buckd of yours, all at once, in about KILLALL_PATIENCE + KILL_TIMEOUT
+    + 2 EXIT_TIMEOUT; never the buckd running us, nor one whose lifecycle.lock another client
+    holds (it may be starting it). What it leaves, it names, and exits 1."""
+    dirs, unread = all_daemon_dirs()
+    left, locks = [(d, f"cannot read it: {why}") for d, why in unread], {}
+    for d in dirs:
+        try:
+            if holder(d) is not None and not runs_this_command(d):
+                locks[d] = LifecycleLock(d)
+        except (Fail, OSError) as e:
+            left.append((d, str(e)))
+    poll(lambda: all([lock.take() for lock in locks.values()]), KILLALL_PATIENCE)
+    for d, lock in list(locks.items()):
+        if lock.take():
+            lock.taken()
+        else:
+            left.append((d, f"another {TOOL} client holds its {LOCK_FILE}: {lock.holder_words()}"))
+            os.close(locks.pop(d).fd)
+    try:
+        killed, failed = kill_daemons(list(locks), f"`{TOOL} killall` was invoked by pid {os.getpid()}")
+    finally:
+        for lock in locks.values():
+            lock.__exit__()
+    for d, pid in killed.items():
+        if pid is not None:
+            out(f"{DAEMON} killed (pid {pid}) in {printable(d)}\n")
+    for d, why in left + list(failed.items()):
+        say(f"{printable(d)}: {why}, left as it is")
+    return EXIT_FAILED if left or failed else 0
+
+
+def cmd_server(isolation, options):
+    conn, reply = next(connect(owned(daemon_dir(isolation)), isolation))
+    return print_status([status_fields(reply)], options)
+
+
+def cmd_status(isolation, options):
+    """Report buckd (--all: every one, asked at once), whatever its version; start none."""
+    every = "all" in options
+    dirs, unread = all_daemon_dirs() if every else ([daemon_dir(isolation)], [])
+    asked = [(d, *ask_status(d)) for d in dirs]
+    rows = [status_row(*row, patience=0 if every else EXIT_TIMEOUT) for row in asked]
+    if not every and rows[0]["state"] not in ("running", "dead", "none"):
+        raise Fail(f"{DAEMON} (pid {rows[0]['pid']}) is {rows[0]['state']}")
+    print_status([row for row in rows if row["state"] != "none" or not every], options, every)
+    for d, why in unread:
+        say(f"{printable(d)}: cannot read it: {why}")
+    return EXIT_FAILED if unread else 0
+
+
+def ask_status(d):
+    pid, info = holder(d), read_info(d)
+    return pid, info, Connection(info).status() if info and info["pid"] == pid else None
+
+
+def status_row(d, pid, info, call, patience):
+    """d as `status` shows it: running, not responding, starting, dead or none."""
+    if call:
+        try:
+            return status_fields(call.result())
+        except grpc.RpcError as e:
+            exiting = e.code() == grpc.StatusCode.UNAVAILABLE
+            if not exiting or not poll(lambda: holder(d) != pid, patience):
+                return {"daemon_dir": d, "pid": pid, "state": f"not responding: {rpc_error(e)}"}
+            pid = None              # it was shutting down, and now it is gone
+    if pid is not None:
+        return {"daemon_dir": d, "pid": pid, "state": f"starting, not named in {INFO_FILE} yet"}
+    last = last_pid(d)
+    return {"daemon_dir": d, "pid": info["pid"] if info else last, "state": "dead" if info else "none",
+            "previous_end": how_it_ended(d, last) or ""}
+
+
+def status_fields(reply):
+    """A Status reply as `status --json` shows it: numbers stay numbers."""
+    fields = {n: getattr(reply, n) for n in reply.DESCRIPTOR.fields_by_name
+              if n not in ("figures", "settings", "commands")}
+    fields["check_interval_s"] = reply.settings.check_interval_s
+    fields["idle_timeout_s"] = reply.settings.idle_timeout_s
+    fields["commands"] = [{"args": list(c.argv), "client_pid": c.client_pid, "running_s": c.running_s}
+                          for c in reply.commands]
+    return {"state": "running", **fields, **dict(reply.figures)}
+
+
+def print_status(rows, options, every=False):
+    import json
+    if "json" in options:
+        out(json.dumps(rows if every else rows[0]) + "\n")
+    elif every:
+        out("".join(status_line(row) + "\n" for row in rows) or f"no {DAEMON} running\n")
+    elif rows[0]["state"] == "running":
+        row = rows[0]
+        shown = [f"\n  {key.removesuffix('_s').removesuffix('_bytes')}: {for_people(key, value)}"
+                 for key, value in row.items() if key not in ("state", "uptime_s", "idle_s")]
+        header = f"{DAEMON} is running, up {duration(row['uptime_s'])}, idle {duration(row['idle_s'])}"
+        out(header + "".join(shown) + "\n")
+    else:
+        end = rows[0]["previous_end"]
+        out(f"no {DAEMON} running\n" + (f"the last one, {end}\n" if end else ""))
+    return 0
+
+
+def for_people(key, value):
+    """A status field as a person reads it: "3 min", local times, MiB, commands a line each."""
+    if key == "start_time":
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    if key == "idle_timeout_s" and not value:
+        return "never"
+    if key == "cpu_s":
+        return f"{value:.2f} s"
+    if key.endswith("_s"):
+        return duration(value)
+    if key.endswith("_bytes"):
+        return f"{value / 2**20:.1f} MiB"
+    if key == "commands":
+        return "".join(f"\n    pid {c['client_pid']}, for {duration(c['running_s'])}: "
+                       f"{TOOL} {printable(' '.join(c['args']))}" for c in value) or "none"
+    return value
+
+
+def duration(seconds):
+    """Seconds as people say them: 0.2 s, 9 s, 3 min, 5 h, 2 days."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.2g} s"
+
+
+def status_line(row):
+    """A line of `status --all`."""
+    if row["state"] != "running":
+        return f"{printable(row['daemon_dir'])}: {row['state']} (pid {row['pid']})"
+    running = "".join(f"; pid {c['client_pid']} runs {TOOL} {printable(' '.join(c['args']))}" for c in row["commands"])
+    return (f"{printable(row['daemon_dir'])}: pid {row['pid']}, version {row['version']}, "
+            f"up {duration(row['uptime_s'])}, {row['active_commands']} running, idle {duration(row['idle_s'])}, "
+            f"started because: {row['started_because']}{running}")
+
+
+def run_command(d, isolation, name, operands, options):
+    """Send a command to a buckd whose version we checked; resend only until one accepts it."""
+    import queue
+    import threading
+    load_grpc()
+    refusals = {grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE, grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_FAILED}
+    request = pb.CommandRequest(name=name, args=[os.fsencode(a) for a in operands], options=options,
+                                cwd=os.fsencode(os.getcwd()), client_pid=os.getpid(),
+                                argv=[os.fsencode(word) for word in sys.argv[1:]])
+    for conn, reply in connect(d, isolation):       # (each a new connection: see ATTEMPTS)
+        accepted, events = threading.Event(), queue.Queue()
+        stream = conn.stub.Command(handshake(request, accepted), metadata=conn.metadata)
+        threading.Thread(target=read_stream, args=(stream, events), daemon=True).start()
+        try:
+            event = events.get(timeout=STATUS_TIMEOUT)  # as for Status: else buckd is not usable
+        except queue.Empty:
+            event = None
+        if isinstance(event, pb.CommandEvent) and event.HasField("accepted"):
+            accepted.set()          # the go-ahead: from here on, never resend
+            break
+        stream.cancel()             # buckd went away before it accepted: it ran nothing
+        if isinstance(event, grpc.Call) and event.code() in refusals:
+            raise Fail(f"{DAEMON} refused the command: {event.details()}", refusals[event.code()])
+    step("command", d, daemon_pid=reply.pid, name=name)
+    return show_events(d, reply.pid, events)
+
+
+def show_events(d, pid, events):
+    """Write a running command's output as it comes; its exit code, or fail saying why it ended."""
+    while isinstance(event := events.get(), pb.CommandEvent):
+        kind = event.WhichOneof("event")
+        if kind == "stdout":
+            out(event.stdout)
+        elif kind == "stderr":
+            to_stderr(event.stderr)
+        elif kind == "exit_code":
+            return event.exit_code
+        elif kind == "shutdown":
+            raise Fail(f"{DAEMON} shut down during the command: {event.shutdown}")
+    if event is None:
+        raise Fail(f"{DAEMON} ended the command without an exit code")
+    raise Fail(f"lost {DAEMON} (pid {pid}) during the command ({rpc_error(event)}); "
+               f"it crashed or was killed, see {crash_log(d, pid)}")
+
+
+def read_stream(stream, events):
+    """Queue a stream's events, then None or its error (the reader waits with a timeout)."""
+    try:
+        for event in stream:
+            events.put(event)
+        events.put(None)
+    except grpc.RpcError as e:
+        events.put(e)
+
+
+def handshake(request, accepted):
+    """Our side of a Command stream: the command, then the go-ahead once it is accepted."""
+    yield request
+    accepted.wait()
+    yield pb.CommandRequest()
+
+
+LOCAL_COMMANDS = {"status": cmd_status, "server": cmd_server, "kill": cmd_kill, "killall": cmd_killall}
