@@ -56,6 +56,8 @@ SETTINGS = {CHECK_INTERVAL_ENV: ("check_interval_s", CHECK_INTERVAL, 0.01),   # 
             IDLE_TIMEOUT_ENV: ("idle_timeout_s", IDLE_TIMEOUT, MIN_IDLE)}     # field, default, least
 
 HERE = os.path.dirname(os.path.realpath(__file__))
+STUBS = ("daemon_pb2*.py are generated from daemon.proto: python3 -m grpc_tools.protoc -I. "
+         "--python_out=. --grpc_python_out=. daemon.proto")
 grpc = pb = pb_grpc = buckd = None  # imported by the commands that need them
 _version = None
 held_locks = set()                  # the daemon dirs whose lifecycle.lock we hold
@@ -136,16 +138,12 @@ def write_json(path, value):
     import json
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        with open(fd, "wb") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "wb") as f:
             f.write(json.dumps(value).encode())
         os.replace(tmp, path)
-    except OSError:
-        try:
+    finally:
+        if os.path.lexists(tmp):
             os.unlink(tmp)          # (a full disk, a directory in the way: nothing left behind)
-        except OSError:
-            pass
-        raise
 
 
 def poll(condition, timeout, interval=0.005):
@@ -165,25 +163,15 @@ def seconds(text, name, low, high):
 
 
 def daemon_settings(given_only=False):
-    """buckd's settings from the environment: {field: seconds}, an idle timeout of 0 meaning
-    never; given_only: only those this client sets. A bad one is a usage error."""
-    settings = {}
-    for name, (field, default, least) in SETTINGS.items():
-        text = os.environ.get(name)
-        if text is None and given_only:
-            continue
-        if name == IDLE_TIMEOUT_ENV and text == "0":
-            settings[field] = 0.0
-        else:
-            settings[field] = seconds(str(default) if text is None else text, name, least, MAX_SECONDS)
-    return settings
+    """buckd's settings from the environment, {field: seconds}; given_only: those a client sets."""
+    return {SETTINGS[name][0]: setting(name, os.environ.get(name, str(SETTINGS[name][1])))
+            for name in SETTINGS if name in os.environ or not given_only}
 
 
-def settings_problem(check_interval, idle_timeout):
-    """What is wrong with settings a Configure call brings, or None."""
-    if 0.01 <= check_interval <= MAX_SECONDS and (idle_timeout == 0 or MIN_IDLE <= idle_timeout <= MAX_SECONDS):
-        return None
-    return f"bad settings: check interval {check_interval!r} s, idle timeout {idle_timeout!r} s"
+def setting(name, text):
+    """A daemon setting's seconds, within its bounds (an idle timeout of 0: never); else a usage error."""
+    never = name == IDLE_TIMEOUT_ENV and text in ("0", "0.0")
+    return 0.0 if never else seconds(text, name, SETTINGS[name][2], MAX_SECONDS)
 
 
 # --- "There's a small set of commands/arguments that don't require the daemon (`buck help`, ...)"
@@ -218,13 +206,12 @@ def version():
 
 
 def checksum():
-    import zlib                     # (not hashlib: 6 ms to import)
+    import zlib                     # (hashlib takes 6 ms to import)
     crc = 0
     for name in SOURCES:
         data = read_file(os.path.join(HERE, name), limit=-1)
         if data is None:
-            raise Fail(f"cannot read {printable(os.path.join(HERE, name))}, one of SOURCES (generate "
-                       "daemon_pb2*.py: python3 -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. daemon.proto)")
+            raise Fail(f"cannot read {printable(os.path.join(HERE, name))}, one of SOURCES ({STUBS})")
         crc = zlib.crc32(data, crc)
     return f"{crc:08x}"
 
@@ -420,9 +407,7 @@ def load_grpc():
         try:
             import grpc, daemon_pb2 as pb, daemon_pb2_grpc as pb_grpc    # (into our globals)
         except ImportError as e:
-            raise Fail(f"{e}: {TOOL} needs grpcio and protobuf, and daemon_pb2*.py generated from "
-                       f"daemon.proto in {printable(HERE)} (python3 -m grpc_tools.protoc -I. "
-                       "--python_out=. --grpc_python_out=. daemon.proto)")
+            raise Fail(f"{e}: {TOOL} needs grpcio and protobuf in {printable(HERE)} ({STUBS})")
         finally:
             if quiet:               # grpc has read it by now
                 del os.environ["GRPC_VERBOSITY"]
@@ -446,9 +431,6 @@ class Connection:
         """The Kill call, under way: its .exception() is None once buckd took it."""
         request = pb.KillRequest(reason=reason)
         return self.stub.Kill.future(request, timeout=KILL_TIMEOUT, metadata=self.metadata)
-
-    def configure(self, settings):
-        return self.stub.Configure(pb.Settings(**settings), timeout=STATUS_TIMEOUT, metadata=self.metadata)
 
 
 def rpc_error(e):
@@ -492,9 +474,10 @@ def connect(d, isolation):
 # version": a Connection is only ever returned here, after a Status naming our version.
 def check_version(d, raw, timeout=STATUS_TIMEOUT):
     """Steps 2-3: (Connection, Status reply, None), or (None, None, Why)."""
-    info = buckd.parse_info(raw)
-    if info is None and raw:
-        return None, None, Why(CORRUPT, f"{INFO_FILE} is corrupt")
+    info, pid = buckd.parse_info(raw), buckd.holder(d)
+    if info is None and (raw or pid):
+        what = "corrupt" if raw else f"missing, while pid {pid} holds {PID_FILE}"
+        return None, None, Why(CORRUPT, f"{INFO_FILE} is {what}")
     if info is None:
         return None, None, Why(NO_DAEMON, f"no {DAEMON} was running")
     conn = Connection(info)
@@ -510,25 +493,26 @@ def check_version(d, raw, timeout=STATUS_TIMEOUT):
 
 
 def apply_settings(d, conn, reply):
-    """A setting this client gives (BUCKD_...) that buckd does not have is applied to it live,
+    """A setting this client gives (BUCKD_...) that differs from buckd's is applied to it live
     and said in one line; never to the buckd that runs this command."""
-    given, now = daemon_settings(given_only=True), {}
-    for field in SETTINGS.values():
-        now[field[0]] = getattr(reply.settings, field[0])
-    changes = [f"{name} {now[field]:g} -> {given[field]:g} s" for name, (field, *_) in SETTINGS.items()
-               if field in given and given[field] != now[field]]
+    given, wanted, changes = daemon_settings(given_only=True), pb.Settings(), []
+    wanted.CopyFrom(reply.settings)
+    for name, (field, *_) in SETTINGS.items():
+        if field in given and given[field] != getattr(wanted, field):
+            changes.append(f"{name} {getattr(wanted, field):g} -> {given[field]:g} s")
+            setattr(wanted, field, given[field])
     if not changes:
         return
-    inside = buckd.runs_this_command(d)
+    changed, inside = ", ".join(changes), buckd.runs_this_command(d)
     step("settings", d, daemon_pid=reply.pid, changes=changes, applied=not inside)
     if inside:
-        say(f"this command runs inside {DAEMON} (pid {reply.pid}): not changing {', '.join(changes)}")
-        return
+        return say(f"this command runs inside {DAEMON} (pid {reply.pid}): not changing {changed}")
     try:
-        conn.configure({**now, **given})
-        say(f"{DAEMON} (pid {reply.pid}): {', '.join(changes)}, applied")
+        conn.stub.Configure(wanted, timeout=STATUS_TIMEOUT, metadata=conn.metadata)
     except grpc.RpcError as e:
-        say(f"{DAEMON} (pid {reply.pid}): could not apply {', '.join(changes)} ({rpc_error(e)})")
+        raise Fail(f"{DAEMON} (pid {reply.pid}): could not apply {changed} ({rpc_error(e)})") from None
+    reply.settings.CopyFrom(wanted)
+    say(f"{DAEMON} (pid {reply.pid}): {changed}, applied")
 
 
 # "To start/restart the buckd process, the client does:"
@@ -577,23 +561,21 @@ def refuse_to_restart_here(d, why):
 
 
 def report_crash(d, seen, why):
-    """If the buckd that buckd.info names is gone without a recorded end, it crashed: say so with
-    its log, keep its logs in prev/, drop its buckd.info. Returns why we start buckd, in full."""
-    info, end = buckd.parse_info(seen), buckd.end_record(d)
-    gone = info and buckd.holder(d) is None
-    if why.outcome == NO_DAEMON or gone and end.get("pid") == info["pid"] and end.get("how") not in (None, "panic"):
-        last = buckd.how_it_ended(d, buckd.last_pid(d))     # (it may have ended just now: idle...)
-        return Why(NO_DAEMON, f"no {DAEMON} was running" + (f" (the last one, {last})" if last else ""))
-    if not gone:
+    """Why we start buckd, in full. If the buckd that buckd.info names is gone without a clean
+    recorded end, it crashed: say so with its log, keep its logs in prev/, drop its buckd.info."""
+    info = buckd.parse_info(seen)
+    if info and buckd.holder(d) is None:
+        end = buckd.end_record(d)
+        if end.get("pid") != info["pid"] or end.get("how") in (None, "panic"):
+            buckd.keep_logs(d)
+            say(f"{DAEMON} crashed, see {buckd.crash_log(d, info['pid'])}")
+            ended = buckd.how_it_ended(d, info["pid"]) or "no record"
+            os.unlink(os.path.join(d, INFO_FILE))      # said once: the next client starts afresh
+            return Why(CRASHED, f"{DAEMON} (pid {info['pid']}) crashed or vanished ({ended})")
+    elif why.outcome != NO_DAEMON:
         return why
-    buckd.keep_logs(d)
-    say(f"{DAEMON} crashed, see {buckd.crash_log(d, info['pid'])}")
-    try:
-        os.unlink(os.path.join(d, INFO_FILE))      # said once: the next client starts afresh
-    except OSError:
-        pass
-    ended = buckd.how_it_ended(d, info["pid"]) or "no record"
-    return Why(CRASHED, f"{DAEMON} (pid {info['pid']}) crashed or vanished ({ended})")
+    last = buckd.how_it_ended(d, buckd.last_pid(d))     # (it may have ended just now: idle...)
+    return Why(NO_DAEMON, f"no {DAEMON} was running" + (f" (the last one, {last})" if last else ""))
 
 
 # Correctness 2, "Only a single client is killing/starting a buckd at a time": "When the client
@@ -858,23 +840,23 @@ def for_people(key, value):
         return f"{value / 2**20:.1f} MiB"
     if key == "commands":
         return "".join(f"\n    pid {c['client_pid']}, for {duration(c['running_s'])}: "
-                       f"{printable(' '.join(c['args']))}" for c in value) or "none"
+                       f"{TOOL} {printable(' '.join(c['args']))}" for c in value) or "none"
     return value
 
 
 def duration(seconds):
-    """Seconds as people say them: 9 s, 3 min, 5 h, 2 days."""
-    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+    """Seconds as people say them: 0.2 s, 9 s, 3 min, 5 h, 2 days."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60), ("s", 1)):
         if seconds >= 2 * size:
             return f"{seconds / size:.0f} {unit}"
-    return f"{seconds:.0f} s"
+    return f"{seconds:.2g} s"
 
 
 def status_line(row):
     """A line of `status --all`."""
     if row["state"] != "running":
         return f"{printable(row['daemon_dir'])}: {row['state']} (pid {row['pid']})"
-    running = "".join(f"; pid {c['client_pid']} runs {printable(' '.join(c['args']))}" for c in row["commands"])
+    running = "".join(f"; pid {c['client_pid']} runs {TOOL} {printable(' '.join(c['args']))}" for c in row["commands"])
     return (f"{printable(row['daemon_dir'])}: pid {row['pid']}, version {row['version']}, "
             f"up {duration(row['uptime_s'])}, {row['active_commands']} running, idle {duration(row['idle_s'])}, "
             f"started because: {row['started_because']}{running}")
@@ -888,7 +870,7 @@ def run_command(d, isolation, name, operands, options):
     refusals = {grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE, grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_FAILED}
     request = pb.CommandRequest(name=name, args=[os.fsencode(a) for a in operands], options=options,
                                 cwd=os.fsencode(os.getcwd()), client_pid=os.getpid(),
-                                argv=[os.fsencode(word) for word in [TOOL, *sys.argv[1:]]])
+                                argv=[os.fsencode(word) for word in sys.argv[1:]])
     for conn, reply in connect(d, isolation):       # (each a new connection: see ATTEMPTS)
         accepted, events = threading.Event(), queue.Queue()
         stream = conn.stub.Command(handshake(request, accepted), metadata=conn.metadata)

@@ -452,7 +452,8 @@ class DaemonApi:
         """Step 3's answer, and what runs. Not a use: idleness counts from the last command."""
         now, usage = time.monotonic(), resource_usage()
         with self.lock:
-            running = [pb.RunningCommand(argv=[printable(word) for word in request.argv],
+            running = [pb.RunningCommand(argv=[word.decode(errors="backslashreplace")
+                                               for word in request.argv],
                                          running_s=now - started, client_pid=request.client_pid)
                        for request, started in self.commands.values() if request]
             idle = 0 if self.commands else now - self.idle_since
@@ -468,9 +469,11 @@ class DaemonApi:
     @panics
     def Configure(self, request, context):
         """A client's daemon settings, applied live: serve() reads them when it wakes."""
-        problem = buck.settings_problem(request.check_interval_s, request.idle_timeout_s)
-        if problem:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        try:
+            for name, (field, *_) in buck.SETTINGS.items():
+                buck.setting(name, str(getattr(request, field)))
+        except buck.Fail as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.check_interval, self.idle_timeout = request.check_interval_s, request.idle_timeout_s
         self.wake.poke()
         return request

@@ -118,11 +118,12 @@ def digest(call, path, st):
         return e
     if not stat.S_ISREG(st.st_mode):
         return OSError(0, "Not a regular file")
-    hexdigest, newest = sha.hexdigest().encode(), max(st.st_mtime_ns, st.st_ctime_ns)
-    racy = COARSE_RACY_NS if newest % 1_000_000_000 == 0 else RACY_NS
+    hexdigest = sha.hexdigest().encode()
+    coarse = st.st_mtime_ns % 1_000_000_000 == 0        # (a whole second: maybe a coarse filesystem)
+    newest = max(st.st_mtime_ns + (COARSE_RACY_NS if coarse else RACY_NS), st.st_ctime_ns + RACY_NS)
     with lock:
         counts["files_read"] += size > 0        # (an empty read costs nothing)
-        if size == st.st_size and newest < started - racy and not lies_about_size(st.st_dev):
+        if size == st.st_size and newest < started and not lies_about_size(st.st_dev):
             if len(digests) >= CACHE_LIMIT:
                 digests.clear()
             digests[st.st_dev << 64 | st.st_ino] = STAMP.pack(st.st_size, st.st_mtime_ns, st.st_ctime_ns) + hexdigest
