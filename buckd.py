@@ -4,7 +4,8 @@ the doc's order. First the daemon dir's files, as buckd writes them and clients 
 "daemon process flow": `buck daemon` daemonizes (main); buckd locks buckd.pid, redirects its
 output, serves the DaemonApi, writes buckd.info (run), until a way to shut down (serve); then
 the client's side: "client connection and buckd startup" (connect, restart) and "buck kill"."""
-import fcntl, os, select, signal, stat, sys, threading, time
+import fcntl, os, select, signal, stat, struct, sys, threading, time
+from contextlib import suppress
 
 import buck
 from buck import (ATTEMPTS, DAEMON, END_FILE, EXIT_ALREADY_RUNNING, EXIT_FAILED, EXIT_INTERRUPTED,
@@ -25,7 +26,6 @@ grpc = pb = pb_grpc = None  # imported by load_grpc: in buckd after daemonizing 
 
 def holder(d):
     """The running buckd's pid: who holds buckd.pid's lock, as the kernel says; or None."""
-    import struct
     linux = sys.platform.startswith("linux")    # struct flock's form differs on macOS, BSD
     form = "hhqqi" if linux else "qqihh"
     query = (fcntl.F_WRLCK, 0, 0, 0, 0) if linux else (0, 0, 0, fcntl.F_WRLCK, 0)
@@ -47,21 +47,23 @@ def named_pid(text):
     return int(word) if word.isdigit() and len(word) < 10 else None
 
 
+def last_pid(d):
+    return named_pid(buck.read_file(os.path.join(d, PID_FILE), NOFOLLOW))
+
+
 def read_info(d):
-    """buckd.info as a dict, or None if it is not a complete, valid one, whatever is wrong."""
     return parse_info(buck.read_file(os.path.join(d, INFO_FILE), NOFOLLOW))
 
 
 def parse_info(raw):
+    """buckd.info as a dict, or None if it is not a complete, valid one, whatever is wrong."""
     import json
-    try:
+    fields = (("pid", int), ("port", int), ("version", str), ("auth_token", str))
+    with suppress(ValueError, RecursionError, AttributeError):
         info = json.loads(raw or b"")
-        fields = (("pid", int), ("port", int), ("version", str), ("auth_token", str))
         if all(type(info.get(key)) is kind for key, kind in fields) and 0 < info["port"] < 65536 \
                 and info["auth_token"].isascii() and info["auth_token"].isalnum():
             return info
-    except (ValueError, RecursionError, AttributeError):
-        pass
     return None
 
 
@@ -71,8 +73,7 @@ def instance(pid, start_time):
 
 
 def runs_this_command(d):
-    """Is d's buckd (the proven holder of buckd.pid) the one this command runs inside? Its pid
-    says, and its start time too where buckd.info names it."""
+    """Is this command run by d's buckd (buckd.pid's holder)? By pid, and start time if known."""
     pid, mark, info = holder(d), os.environ.get(buck.INSTANCE_ENV, ""), read_info(d)
     if pid is None or mark.partition("@")[0] != str(pid):
         return False
@@ -80,80 +81,64 @@ def runs_this_command(d):
 
 
 def end_record(where):
-    """END_FILE in dir `where`, as this release writes it: {"pid"} while that buckd runs, then
-    also "how" and "why"; anything else ({}) is no record."""
+    """END_FILE in dir `where`: {"pid"} while that buckd runs, then with "how" and "why"; or {}."""
     import json
     try:
         end = json.loads(buck.read_file(os.path.join(where, END_FILE), NOFOLLOW) or b"")
     except (ValueError, RecursionError):
         return {}
     kinds = {"pid": int, "how": str, "why": str}
-    if type(end) is not dict or type(end.get("pid")) is not int or set(end) - set(kinds):
+    if type(end) is not dict or set(end) not in ({"pid"}, set(kinds)):
         return {}
-    if len(end) == 2 or any(type(end[key]) is not kind for key, kind in kinds.items() if key in end):
-        return {}
-    return end
+    return end if all(type(end[key]) is kinds[key] for key in end) else {}
 
 
 def how_it_ended(d, last):
-    """How buckd `last` (the pid buckd.pid names, if known) ended, in words, from its END_FILE
-    in d or prev/; None if no buckd is known."""
-    ends = [end for end in map(end_record, (d, os.path.join(d, PREV_DIR)))
-            if end and last in (None, end["pid"])]
-    if ends and "how" in ends[0]:
-        return f"pid {ends[0]['pid']} ended by {printable(ends[0]['how'])}: {printable(ends[0]['why'])}"
-    if ends or last:
-        return f"pid {last or ends[0]['pid']} vanished without a word (SIGKILL, or out of memory?)"
+    """How buckd `last` (if known) ended, from END_FILE in d or prev/; None if none is known."""
+    records = map(end_record, (d, os.path.join(d, PREV_DIR)))
+    end = next((end for end in records if end and last in (None, end["pid"])), {})
+    if "how" in end:
+        return f"pid {end['pid']} ended by {printable(end['how'])}: {printable(end['why'])}"
+    if end or last:
+        return f"pid {last or end['pid']} vanished without a word (SIGKILL, or out of memory?)"
     return None
 
 
-def last_pid(d):
-    return named_pid(buck.read_file(os.path.join(d, PID_FILE), NOFOLLOW))
-
-
 def keep_logs(d):
-    """Move buckd.stdout, .stderr and .end into prev/, where they outlive the next start; what
-    cannot be moved stays (keeping old logs is never a condition for starting)."""
+    """Move buckd.stdout, .stderr, .end into prev/ to outlive the next start; what cannot, stays."""
     for name in (STDOUT_FILE, STDERR_FILE, END_FILE):
-        try:
+        with suppress(OSError):     # keeping old logs is never a condition for starting
             os.makedirs(os.path.join(d, PREV_DIR), exist_ok=True)
             os.replace(os.path.join(d, name), os.path.join(d, PREV_DIR, name))
-        except OSError:
-            pass
 
 
 def crash_log(d, pid):
     """Buckd `pid`'s stderr (found by the pid its first line names) and its last 20 lines."""
     paths = (os.path.join(d, STDERR_FILE), os.path.join(d, PREV_DIR, STDERR_FILE))
-    path = next((p for p in paths if f" pid {pid} ".encode() in (buck.read_file(p, NOFOLLOW, 200) or b"")),
-                paths[0])
-    try:
+    mark = f" pid {pid} ".encode()
+    path = next((p for p in paths if mark in (buck.read_file(p, NOFOLLOW, 200) or b"")), paths[0])
+    tail = b""
+    with suppress(OSError):
         fd = buck.open_file(path, os.O_RDONLY | NOFOLLOW)
         try:
             tail = os.pread(fd, 8192, max(0, os.fstat(fd).st_size - 8192))    # never the whole log
         finally:
             os.close(fd)
-    except OSError:
-        tail = b""
     lines = tail.decode(errors="replace").splitlines()[-20:]
     return printable(path) + "".join(f"\n  | {line}" for line in lines)
 
 
 # "There are 3 ways that the buckd process will shutdown"; the records say which one it was.
 def record_end(api, how, why):
-    """Record in END_FILE how we end, if it still names us without an end (not a client that
-    signalled us and said why, nor a newer buckd)."""
-    try:
-        end = end_record(api.dir)
-        if end.get("pid") == os.getpid() and "how" not in end:
-            buck.write_json(os.path.join(api.dir, END_FILE), {"pid": os.getpid(), "how": how, "why": why})
-    except OSError:
-        pass
+    """Say in END_FILE how we end, while it names us without an end (no killer said why first)."""
+    ours = {"pid": os.getpid()}
+    with suppress(OSError):
+        if end_record(api.dir) == ours:
+            buck.write_json(os.path.join(api.dir, END_FILE), {**ours, "how": how, "why": why})
 
 
 def all_daemon_dirs():
-    """([every daemon dir of the user], [(a dir that could not be read, why)]): each dir under
-    the daemons' home with a buckd.pid or buckd.info, symlinked folders followed once."""
+    """The user's daemon dirs (with a buckd.pid or buckd.info), and [(dir, why)] of those unread."""
     found, unread, seen, todo = [], [], set(), [buck.daemons_home()]
     while todo:
         d = todo.pop()
@@ -166,18 +151,19 @@ def all_daemon_dirs():
         except OSError as e:
             unread.append((d, e.strerror))
             continue
-        if (st.st_dev, st.st_ino) not in seen:
+        if (st.st_dev, st.st_ino) not in seen:      # a folder linked in twice: once
             seen.add((st.st_dev, st.st_ino))
             found += [d] if {PID_FILE, INFO_FILE} & {e.name for e in entries} else []
             todo += [e.path for e in entries if e.is_dir()]
     return sorted(found), unread
 
 
-# --- "daemon process flow". "The daemon process is started with the (hidden) `buck daemon` command."
+# --- "daemon process flow": "started with the (hidden) `buck daemon` command".
 def main(d, root):
     """`buck daemon`: start buckd; 0 once it serves, 3 if one runs, 2 bad setting, else 1."""
     settings = buck.daemon_settings()
-    why = os.environ.pop(buck.STARTED_ENV, f"started by hand (`{TOOL} daemon`, by pid {os.getppid()})")
+    by_hand = f"started by hand (`{TOOL} daemon`, by pid {os.getppid()})"
+    why = os.environ.pop(buck.STARTED_ENV, by_hand)
     for name in buck.SETTINGS:      # what we run inherits none: a setting is live (Configure)
         os.environ.pop(name, None)
     os.makedirs(d, exist_ok=True)
@@ -194,7 +180,7 @@ def main(d, root):
         return int(code)
     os.close(read_end)
     daemonize(f"{DAEMON}[{os.path.basename(root)}]")
-    api = DaemonApi(d, root, settings, why)
+    api = DaemonApi(d, root, why, **settings)
     try:
         os._exit(run(api, ready=write_end))
     except BaseException as e:
@@ -208,16 +194,13 @@ def daemonize(name):
         os._exit(0)                 # not a session leader: can never acquire a terminal
     os.chdir("/")                   # keep no directory busy
     os.umask(0o077)                 # every file we create is private
-    try:                            # our name in `ps` and `top` (15 bytes, whole characters)
-        import ctypes               # (Linux: PR_SET_NAME; elsewhere we stay python)
+    with suppress(OSError, AttributeError):     # our name in `ps` and `top` (15 bytes, whole
+        import ctypes               # characters; Linux: PR_SET_NAME; elsewhere we stay python)
         short = printable(name).encode()[:15].decode(errors="ignore").encode()
         ctypes.CDLL(None).prctl(15, short, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def run(api, ready):
-    """buckd from start to exit, as "daemon process flow" tells it."""
     try:
         lock_pid_file(api)                      # "write its pid to a locked file buckd.pid"
         daemon_step(api, "daemon.locked")
@@ -262,10 +245,8 @@ def startup_failed(api, ready, e):
 
 def report_ready(ready, code, message):
     """Give `buck daemon` its exit code and message; if it is gone, carry on."""
-    try:
+    with suppress(OSError):
         os.write(ready, f"{code} {message}".encode(errors="backslashreplace"))
-    except OSError:
-        pass
     os.close(ready)
     return code
 
@@ -275,7 +256,6 @@ def report_ready(ready, code, message):
 # kernel who holds it (holder); it drops when we close *any* fd of the file: so buck.open_file
 # refuses that file in buckd (api.pid_stat), whatever its name.
 def lock_pid_file(api):
-    """Lock buckd.pid, then write our pid in it (truncate only once locked)."""
     path = os.path.join(api.dir, PID_FILE)
     fd = buck.open_file(path, os.O_RDWR | os.O_CREAT | NOFOLLOW)
     try:
@@ -287,7 +267,7 @@ def lock_pid_file(api):
         raise
     api.pid_fd, api.pid_stat = fd, os.fstat(fd)
     api.last_pid = named_pid(os.pread(fd, 64, 0))      # the buckd before us
-    os.ftruncate(fd, 0)
+    os.ftruncate(fd, 0)             # only once locked
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
 
@@ -295,17 +275,16 @@ def record_start(api):
     """Learn how the last buckd ended, keep its logs, and record in END_FILE that we run."""
     api.previous = how_it_ended(api.dir, api.last_pid) or "none known"
     keep_logs(api.dir)
-    try:
+    with suppress(OSError):         # no record of us: the next client says we vanished
         buck.write_json(os.path.join(api.dir, END_FILE), {"pid": os.getpid()})
-    except OSError:
-        pass                        # no record of us: the next client says we vanished
 
 
 def redirect_stdio(api):
     """"It redirects its stdout and stderr to files", then logs who we are and why we run."""
     new = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW
-    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, os.path.join(api.dir, STDOUT_FILE), new),
-                            (2, os.path.join(api.dir, STDERR_FILE), new)):
+    files = [(os.devnull, os.O_RDONLY), (os.path.join(api.dir, STDOUT_FILE), new),
+             (os.path.join(api.dir, STDERR_FILE), new)]
+    for fd, (path, flags) in enumerate(files):
         opened = buck.open_file(path, flags)
         os.dup2(opened, fd)
         os.close(opened)
@@ -323,11 +302,9 @@ def write_info(api):
 
 def remove_info(api):
     """Remove buckd.info if it is still the one we wrote (else a newer buckd's)."""
-    try:
+    with suppress(OSError):
         if api.info_id and file_id(os.path.join(api.dir, INFO_FILE)) == api.info_id:
             os.unlink(os.path.join(api.dir, INFO_FILE))
-    except OSError:
-        pass
 
 
 def file_id(path):
@@ -341,8 +318,7 @@ def log(message):
 
 
 class Wake:
-    """The pipe that wakes serve(): SIGTERM and SIGINT write their number (set_wakeup_fd),
-    poke() a 0 (a Kill call, new settings). A handler can run under any lock: ours do nothing."""
+    """The pipe that wakes serve(): signals write their number (set_wakeup_fd), poke() a 0."""
 
     def __init__(self):
         self.read_end, self.write_end = os.pipe()
@@ -350,13 +326,11 @@ class Wake:
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self.write_end)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: None)
+            signal.signal(sig, lambda *_: None)     # it may run under any lock: it does nothing
 
     def poke(self):
-        try:
+        with suppress(BlockingIOError):     # the pipe is full: serve() wakes anyway
             os.write(self.write_end, b"\0")
-        except BlockingIOError:
-            pass                    # the pipe is full: serve() wakes anyway
 
     def wait(self, timeout):
         """Wait up to `timeout` s; the signals received meanwhile, if any."""
@@ -402,11 +376,9 @@ def check_files_still_ours(api):
         return f"{PID_FILE} was replaced"
     if os.pread(api.pid_fd, 64, 0) != f"{os.getpid()}\n".encode():
         return f"{PID_FILE} names another process"
-    try:
+    with suppress(OSError):
         if file_id(os.path.join(api.dir, INFO_FILE)) == api.info_id:
             return None
-    except OSError:
-        pass
     return f"{INFO_FILE} was removed or rewritten"
 
 
@@ -438,9 +410,10 @@ def start_server(api):
     from concurrent.futures import ThreadPoolExecutor
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     load_grpc()
-    os.environ[buck.INSTANCE_ENV] = instance(os.getpid(), api.start_time)   # before any thread:
-    server = grpc.server(ThreadPoolExecutor(MAX_COMMANDS + SPARE_THREADS),  # what we run inherits it
-                         interceptors=[require_token(api.token)], options=[("grpc.so_reuseport", 0)])
+    os.environ[buck.INSTANCE_ENV] = instance(os.getpid(), api.start_time)     # before any thread
+    server = grpc.server(ThreadPoolExecutor(MAX_COMMANDS + SPARE_THREADS),
+                         interceptors=[require_token(api.token)],
+                         options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_DaemonApiServicer_to_server(api, server)
     try:
         api.port = server.add_insecure_port("127.0.0.1:0")
@@ -449,7 +422,6 @@ def start_server(api):
     except (RuntimeError, OSError) as e:        # (no loopback: nothing could ever connect)
         raise OSError(f"cannot serve on 127.0.0.1 ({e}): is the loopback interface down?")
     return server
-
 
 
 def require_token(token):
@@ -466,17 +438,16 @@ def require_token(token):
 
 
 class DaemonApi:
-    """All buckd knows, and the DaemonApi it serves. `lock` guards `commands`, `idle_since`
-    and `reason`; it is never taken in a signal handler."""
+    """All buckd knows, and the DaemonApi it serves."""
 
-    def __init__(self, d, root, settings, why):
+    def __init__(self, d, root, why, check_interval_s, idle_timeout_s):
         self.dir, self.root, self.why, self.version = d, root, printable(why), buck.version()
-        self.check_interval, self.idle_timeout = settings["check_interval_s"], settings["idle_timeout_s"]
+        self.check_interval, self.idle_timeout = check_interval_s, idle_timeout_s
         self.pid_fd = self.pid_stat = self.last_pid = self.info_id = None   # set by lock_pid_file
         self.previous, self.port, self.token = "none known", 0, os.urandom(16).hex()
         self.start_time, self.idle_since = time.time(), time.monotonic()
         self.wake = Wake()
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()    # for commands, idle_since, reason; never in a handler
         self.commands = {}          # the running ones: their stop Event -> [request, started]
         self.reason = None          # why buckd is shutting down
 
@@ -485,14 +456,18 @@ class DaemonApi:
         """Step 3's answer, and what runs. Not a use: idleness counts from the last command."""
         now, usage = time.monotonic(), resource_usage()
         with self.lock:
-            running = [pb.RunningCommand(argv=[word.decode(errors="backslashreplace") for word in request.argv], running_s=now - started,
-                                         client_pid=request.client_pid) for request, started in self.commands.values() if request]
+            running = [pb.RunningCommand(argv=[word.decode(errors="backslashreplace")
+                                               for word in request.argv],
+                                         running_s=now - started, client_pid=request.client_pid)
+                       for request, started in self.commands.values() if request]
             idle = 0 if self.commands else now - self.idle_since
+        settings = pb.Settings(check_interval_s=self.check_interval,
+                               idle_timeout_s=self.idle_timeout)
         return pb.StatusResponse(
             pid=os.getpid(), port=self.port, version=self.version, daemon_dir=printable(self.dir),
-            start_time=self.start_time, uptime_s=time.time() - self.start_time, active_commands=len(self.commands),
-            idle_s=idle, started_because=self.why, previous_end=self.previous, figures=buck.workload.status(),
-            settings=pb.Settings(check_interval_s=self.check_interval, idle_timeout_s=self.idle_timeout),
+            start_time=self.start_time, uptime_s=time.time() - self.start_time,
+            active_commands=len(self.commands), idle_s=idle, started_because=self.why,
+            previous_end=self.previous, figures=buck.workload.status(), settings=settings,
             commands=running, **usage)
 
     @panics
@@ -529,7 +504,8 @@ class DaemonApi:
             if self.reason is not None:     # not accepted: the client may send it elsewhere
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"{DAEMON} is shutting down")
             if len(self.commands) >= MAX_COMMANDS:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{DAEMON} is busy: {MAX_COMMANDS} run")
+                busy = f"{DAEMON} is busy: {MAX_COMMANDS} run"
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, busy)
             self.commands[stop] = running
         if not context.add_callback(stop.set):      # the call ends: the client went away
             stop.set()
@@ -564,7 +540,8 @@ def resource_usage():
     peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)     # (bytes on macOS)
     statm = (buck.read_file("/proc/self/statm") or b"0 0").split()
     rss = int(statm[1]) * os.sysconf("SC_PAGE_SIZE") or peak
-    return {"rss_bytes": rss, "peak_rss_bytes": max(peak, rss), "cpu_s": usage.ru_utime + usage.ru_stime}
+    cpu = usage.ru_utime + usage.ru_stime
+    return {"rss_bytes": rss, "peak_rss_bytes": max(peak, rss), "cpu_s": cpu}
 
 
 def malformed(request):
