@@ -6,8 +6,11 @@ Here: the names, what needs no daemon (`buck help`, parse failures, `buck versio
 lifecycle log. buckd.py holds the lifecycle itself, the client's side and the daemon's, which
 every other command imports (compiled once: this file is compiled at every run, so it is
 small); workload.py, the team's file, its names and the commands buckd runs."""
-import os, sys, time
+import os, signal, sys, time
 
+EXIT_INTERRUPTED = 130              # Ctrl-C: 128 + SIGINT, at once and quietly, from here on
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # (not if it is ignored)
+    signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
 if sys.version_info < (3, 11):      # the floor, said before anything else can fail
     sys.exit(f"{sys.argv[0]}: needs Python 3.11 or newer, not {sys.version.split()[0]}")
 if __name__ == "__main__":
@@ -39,7 +42,6 @@ STOP_AT_ENV = f"{TOOL.upper()}_LIFECYCLE_STOP_AT"          # BUCK_LIFECYCLE_STOP
 EXIT_FAILED, EXIT_USAGE = 1, 2          # a failure, said in one line; bad arguments
 EXIT_ALREADY_RUNNING = 3                # `buck daemon`: another buckd holds buckd.pid
 EXIT_PANIC = 101                        # buckd's panic(), as rust's panic exits
-EXIT_INTERRUPTED = 130                  # Ctrl-C: 128 + SIGINT
 
 STATUS_TIMEOUT = 5.0    # for a buckd to answer Status, or accept a command; else it is not usable
 RECHECK_TIMEOUT = 1.0   # for it to answer once more, before we kill it: maybe *we* were paused
@@ -317,8 +319,6 @@ def main(argv):
     except OSError as e:
         say(f"{printable(e.filename)}: {e.strerror}" if e.filename else e)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
 
 
 # --- The lifecycle log (docs/lifecycle-log.md): BUCK_LIFECYCLE_LOG=PATH, every process appends
@@ -386,11 +386,7 @@ def owned(d):
 
 def entry():
     """`python buck.py ...`, and a vendored launcher: run main, exit with its code."""
-    try:
-        code = main(sys.argv[1:])
-    except KeyboardInterrupt:
-        code = EXIT_INTERRUPTED
-    os._exit(code)                  # skip interpreter teardown: grpc's threads make it slow
+    os._exit(main(sys.argv[1:]))    # skip interpreter teardown: grpc's threads make it slow
 
 
 if __name__ == "__main__":

@@ -360,8 +360,8 @@ def serve(api):
             if marker_missing and was_missing:
                 return "repository gone", f"{printable(api.root)} or its {buck.MARKER} is gone"
             checked = now
-        if api.idle_timeout and not api.commands and now >= api.idle_since + api.idle_timeout:
-            return "idle", f"no command for {api.idle_timeout:g} s ({buck.IDLE_TIMEOUT_ENV})"
+        if reason := api.idle_out():
+            return "idle", reason
 
 
 # Shutdown path 2: "buckd will periodically (every 100s or so) check the "buckd.pid" and
@@ -400,6 +400,8 @@ def panics(method):
         try:
             return method(self, request, context)
         except Exception as e:
+            if context.code() is not None:
+                raise               # context.abort(): a refusal, not a bug
             panic(self, e)
     return guarded
 
@@ -454,6 +456,8 @@ class DaemonApi:
     @panics
     def Status(self, request, context):
         """Step 3's answer, and what runs. Not a use: idleness counts from the last command."""
+        if self.reason:             # (a client must not use us: it restarts buckd, once we exit)
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{DAEMON} is shutting down: {self.reason}")
         now, usage = time.monotonic(), resource_usage()
         with self.lock:
             running = [pb.RunningCommand(argv=[word.decode(errors="backslashreplace")
@@ -481,6 +485,16 @@ class DaemonApi:
         self.check_interval, self.idle_timeout = request.check_interval_s, request.idle_timeout_s
         self.wake.poke()
         return request
+
+    def idle_out(self):
+        """If no command ran for idle_timeout, begin the exit, under the lock: a command that starts
+        meanwhile is counted first, or refused before it is accepted (its client resends it)."""
+        with self.lock:
+            since = time.monotonic() - self.idle_since
+            if self.idle_timeout and not self.commands and since >= self.idle_timeout and not self.reason:
+                self.reason = f"no command for {self.idle_timeout:g} s ({buck.IDLE_TIMEOUT_ENV})"
+                return self.reason
+        return None
 
     # Shutdown path 1: "The grpc api includes a `kill()` call that will shutdown buckd."
     @panics
