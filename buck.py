@@ -136,16 +136,28 @@ def read_file(path, flags=0, limit=1 << 20):
 
 
 def write_json(path, value):
-    """Write value as JSON in a file (0600) under its final name at once: never half-written."""
+    """Write value as JSON in a file (0600) under its final name at once: never half-written;
+    but on a full disk over the old file, in the blocks it frees. An error names path."""
     import json
-    tmp = f"{path}.{os.getpid()}.tmp"
+    data, tmp = json.dumps(value).encode(), f"{path}.{os.getpid()}.tmp"
     try:
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "wb") as f:
-            f.write(json.dumps(value).encode())
-        os.replace(tmp, path)
+        try:
+            write_file(tmp, data)
+            os.replace(tmp, path)
+        except OSError as e:
+            if e.errno != 28:       # (ENOSPC)
+                raise
+            write_file(path, data)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)          # (a full disk, a directory in the way: nothing left behind)
+
+
+def write_file(path, data):
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "wb") as f:
+        f.write(data)
 
 
 def poll(condition, timeout, interval=0.005):

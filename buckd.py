@@ -208,7 +208,7 @@ def run(api, ready):
         redirect_stdio(api)                     # "It redirects its stdout and stderr to files"
         server = start_server(api)              # "starts up the grpc DaemonApi server"
         write_info(api)                         # "write the port ... to the buckd.info file"
-    except OSError as e:
+    except (OSError, Fail) as e:                # (Fail: no grpc, say)
         return startup_failed(api, ready, e)
     daemon_step(api, "daemon.serving", port=api.port)
     log(f"serving on 127.0.0.1:{api.port}")
@@ -230,7 +230,7 @@ def daemon_step(api, name, **fields):
 
 def startup_failed(api, ready, e):
     """Tell `buck daemon` why buckd cannot start (3: another holds buckd.pid: "only a single")."""
-    problem = f"{printable(e.filename)}: {e.strerror}" if e.filename else str(e)
+    problem = f"{printable(e.filename)}: {e.strerror}" if getattr(e, "filename", None) else str(e)
     if api.pid_stat is None and (pid := holder(api.dir)) is not None:
         return report_ready(ready, buck.EXIT_ALREADY_RUNNING,
                             f"{DAEMON} is already running for {printable(api.dir)} (pid {pid})")
@@ -482,7 +482,9 @@ class DaemonApi:
                 buck.setting(name, str(getattr(request, field)))
         except buck.Fail as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        self.check_interval, self.idle_timeout = request.check_interval_s, request.idle_timeout_s
+        with self.lock:             # (a new idle timeout counts from now: it never ends our client's buckd)
+            self.check_interval, self.idle_timeout = request.check_interval_s, request.idle_timeout_s
+            self.idle_since = max(self.idle_since, time.monotonic())
         self.wake.poke()
         return request
 
@@ -1055,8 +1057,8 @@ def for_people(key, value):
     if key.endswith("_bytes"):
         return f"{value / 2**20:.1f} MiB"
     if key == "commands":
-        return "".join(f"\n    pid {c['client_pid']}, for {duration(c['running_s'])}: "
-                       f"{TOOL} {printable(' '.join(c['args']))}" for c in value) or "none"
+        return f"{len(value)}" + "".join(f"\n    pid {c['client_pid']}, for {duration(c['running_s'])}: "
+                                         f"{TOOL} {printable(' '.join(c['args']))}" for c in value)
     return value
 
 
