@@ -738,12 +738,12 @@ def restart(d, isolation, seen, why):
     """Steps 1-6, unless once we hold the lock buckd no longer needs them. `seen`: the bytes of
     info that steps 1-3 failed on."""
     with LifecycleLock(d):                  # 1. lock "lifecycle.lock"; 6. release it on leaving
+        refuse_to_restart_here(d, why)
         wait_while_a_buckd_starts(d)
         if read_file(os.path.join(d, INFO_FILE), os.O_NOFOLLOW) != seen:
             return                          # another client restarted it meanwhile
         if answers_when_asked_again(d, seen, why):
             return                          # it was only us that were paused
-        refuse_to_restart_here(d, why)
         why = report_crash(d, seen, why)    # said, and its logs kept in prev/
         say(f"{'starting' if why.outcome in (NO_DAEMON, CRASHED) else 'restarting'} {DAEMON}: {why.text}")
         kill_daemon(d, f"{DAEMON} was restarted by pid {os.getpid()}: {why.text}")   # 2-3. kill it
