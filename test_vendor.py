@@ -553,18 +553,13 @@ def test_an_upgrade_keeps_the_teams_names_and_replaces_the_old_daemon(mono):
     assert mono.never_says_buck() and os.listdir(mono.home) == [".acme"]
 
 
-@pytest.mark.parametrize("names", [("acme", "acmed"), ("buck", "buckd")])
-def test_the_lifecycle_tests_pass_in_an_upgraded_copy(names):
+def test_the_lifecycle_tests_pass_in_an_upgraded_copy():
     """What a team runs on its copy, after vendoring and an upgrade (README, "Vendoring"):
     `python -m pytest -q -p no:cacheprovider -k LIFECYCLE_SUBSET test_buckd.py` inside DEST, with
-    the team's own workload (`count`, no `hash`). The subset (LIFECYCLE_SUBSET, above): a test
-    per claim of the doc, under half a minute where the whole suite takes minutes; none uses `hash`.
-    As acme, it needs test_buckd.py to read the names from the code (xfail until then); under
-    buck's own names it holds already."""
-    tool, daemon = names
-    test_text = (HERE / "test_buckd.py").read_text()
-    if tool != "buck" and "MARKER" not in test_text:
-        pytest.xfail("test_buckd.py still hard-codes buck's names (.buckconfig, BUCKD_...)")
+    the team's own workload (`count`, no `hash`) and its names (acme, acmed: test_buckd.py reads
+    them from the code). The subset (LIFECYCLE_SUBSET, above): a test per claim of the doc,
+    under half a minute where the whole suite takes minutes; none uses `hash`."""
+    tool, daemon = "acme", "acmed"
     tmp = Path(tempfile.mkdtemp(prefix="v-"))
     try:
         dest = tmp / "mono" / "tools" / tool
