@@ -6,11 +6,12 @@ Here: the names, what needs no daemon (`buck help`, parse failures, `buck versio
 lifecycle log. buckd.py holds the lifecycle itself, the client's side and the daemon's, which
 every other command imports (compiled once: this file is compiled at every run, so it is
 small); workload.py, the team's file, its names and the commands buckd runs."""
-import os, signal, sys, time
+import os, sys, time
+import _signal                      # (signal's C half, loaded already: `import signal` costs 5 ms)
 
 EXIT_INTERRUPTED = 130              # Ctrl-C: 128 + SIGINT, at once and quietly, from here on
-if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # (not if it is ignored)
-    signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
+if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:    # (not if it is ignored)
+    _signal.signal(_signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
 if sys.version_info < (3, 11):      # the floor, said before anything else can fail
     sys.exit(f"{sys.argv[0]}: needs Python 3.11 or newer, not {sys.version.split()[0]}")
 if __name__ == "__main__":

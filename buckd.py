@@ -633,7 +633,7 @@ def load_grpc():
 
 
 class Connection:
-    """A channel to the buckd a info names; its token is also that buckd's identity."""
+    """A channel to the buckd a buckd.info names; its token is also that buckd's identity."""
 
     def __init__(self, info):
         load_grpc()
@@ -676,7 +676,7 @@ def connect(d, isolation):
     except Fail as e:
         raise Fail(f"bad {DAEMON} setting: {e}") from None
     for _ in range(ATTEMPTS):
-        raw = read_file(os.path.join(d, INFO_FILE), os.O_NOFOLLOW)     # 1. read info
+        raw = read_file(os.path.join(d, INFO_FILE), os.O_NOFOLLOW)     # 1. read buckd.info
         step("connect.1", d, found=raw is not None)
         conn, reply, why = check_version(d, raw)                      # 2-3. connect, check
         if conn:
@@ -736,7 +736,7 @@ def apply_settings(d, conn, reply):
 # "To start/restart the buckd process, the client does:"
 def restart(d, isolation, seen, why):
     """Steps 1-6, unless once we hold the lock buckd no longer needs them. `seen`: the bytes of
-    info that steps 1-3 failed on."""
+    buckd.info that steps 1-3 failed on."""
     with LifecycleLock(d):                  # 1. lock "lifecycle.lock"; 6. release it on leaving
         refuse_to_restart_here(d, why)
         wait_while_a_buckd_starts(d)
@@ -751,8 +751,8 @@ def restart(d, isolation, seen, why):
 
 
 def wait_while_a_buckd_starts(d):
-    """Wait (START_TIMEOUT at most from its start) for a buckd that holds pid but is not
-    named in info yet: it is starting."""
+    """Wait (START_TIMEOUT at most from its start) for a buckd that holds buckd.pid but is not
+    named in buckd.info yet: it is starting."""
     pid = holder(d)
     named = lambda: (read_info(d) or {}).get("pid") == pid
     try:
@@ -779,8 +779,8 @@ def refuse_to_restart_here(d, why):
 
 
 def report_crash(d, seen, why):
-    """Why we start buckd, in full. If the buckd that info names is gone without a clean
-    recorded end, it crashed: say so with its log, keep its logs in prev/, drop its info."""
+    """Why we start buckd, in full. If the buckd that buckd.info names is gone without a clean
+    recorded end, it crashed: say so with its log, keep its logs in prev/, drop its buckd.info."""
     info = parse_info(seen)
     if info and holder(d) is None:
         end = end_record(d)
@@ -880,7 +880,7 @@ def kill_daemons(dirs, reason):
     left = still_running({d: running[d] for d in left})
     for d, pid in running.items():
         if d not in left and how[d] == "sigkill" and (read_info(d) or {}).get("pid") == pid:
-            os.unlink(os.path.join(d, INFO_FILE))   # it could not remove its info: we do
+            os.unlink(os.path.join(d, INFO_FILE))   # it could not remove its buckd.info: we do
         if d not in left:
             step("restart.3", d, daemon_pid=pid, how=how[d])
     killed = {d: running.get(d) for d in dirs if d not in left}
@@ -888,14 +888,14 @@ def kill_daemons(dirs, reason):
 
 
 def still_running(running):
-    """The dirs of `running` ({dir: pid}) whose buckd still holds pid after EXIT_TIMEOUT."""
+    """The dirs of `running` ({dir: pid}) whose buckd still holds buckd.pid after EXIT_TIMEOUT."""
     left = lambda: [d for d, pid in running.items() if holder(d) == pid]
     poll(lambda: not left(), EXIT_TIMEOUT)
     return left()
 
 
 def signal_buckd(d, pid, sig, reason):
-    """Record who kills pid and why, then signal it, only if it holds pid's lock."""
+    """Record who kills pid and why, then signal it, only if it holds buckd.pid's lock."""
     import signal
     if pid > 1 and pid != os.getpid() and holder(d) == pid:
         if end_record(d).get("how") in (None, "kill"):   # (unless buckd has said how it ends)

@@ -28,7 +28,6 @@ SOURCES = ("workload.py",)
 import _thread                  # (not threading: the client imports us, and must start fast)
 import os
 import stat
-import struct
 import time
 
 import buck                     # (only inside functions: buck imports us first)
@@ -40,9 +39,8 @@ COARSE_RACY_NS = 2_000_000_000  # ...or this close, where timestamps are whole s
 CACHE_LIMIT = 1_000_000         # digests kept; past that the cache starts afresh
 READ_SIZE = 1 << 20             # bytes per read when hashing
 CHUNK = 64 * 1024               # bytes of output per event
-STAMP = struct.Struct("qqq")    # size, mtime_ns, ctime_ns: while unchanged, so is the digest
 
-digests = {}                    # dev << 64 | ino -> STAMP + hex digest
+digests = {}                    # dev << 64 | ino -> stamp() + hex digest
 counts = {"files_read": 0}
 lock = _thread.allocate_lock()  # guards writes to both; lookups take none
 
@@ -99,8 +97,8 @@ def digest(call, path, st):
     their size (an empty /proc file may have content later, under the same stat). None if
     stopped midway; an OSError if it cannot be read."""
     entry = digests.get(st.st_dev << 64 | st.st_ino)
-    if entry and entry.startswith(STAMP.pack(st.st_size, st.st_mtime_ns, st.st_ctime_ns)):
-        return entry[STAMP.size:]
+    if entry and entry.startswith(stamp(st)):
+        return entry[len(stamp(st)):]
     import hashlib
     started, sha, size = time.time_ns(), hashlib.sha256(), 0
     try:
@@ -126,8 +124,13 @@ def digest(call, path, st):
         if size == st.st_size and newest < started and not lies_about_size(st.st_dev):
             if len(digests) >= CACHE_LIMIT:
                 digests.clear()
-            digests[st.st_dev << 64 | st.st_ino] = STAMP.pack(st.st_size, st.st_mtime_ns, st.st_ctime_ns) + hexdigest
+            digests[st.st_dev << 64 | st.st_ino] = stamp(st) + hexdigest
     return hexdigest
+
+
+def stamp(st):
+    """Size, mtime and ctime, packed: while they are unchanged, so is the digest."""
+    return b"%d %d %d:" % (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 PSEUDO_FILESYSTEMS = {b"proc", b"sysfs", b"cgroup", b"cgroup2", b"debugfs", b"tracefs", b"configfs",
