@@ -18,6 +18,7 @@ from buck import (ATTEMPTS, DAEMON, END_FILE, EXIT_ALREADY_RUNNING, EXIT_FAILED,
 GRACE = 2.0             # seconds running commands get, at shutdown, to say why they end
 MAX_COMMANDS = 256      # commands running at once; one more is refused: buckd is busy
 SPARE_THREADS = 16      # server threads beyond those: Status and Kill never queue
+MARKER_GRACE = 1.0      # seconds a repository's marker may be missing: an editor rewriting it
 NOFOLLOW = os.O_NOFOLLOW    # every file of a daemon dir: a planted symlink is refused, not followed
 grpc = pb = pb_grpc = None  # imported by load_grpc: in buckd after daemonizing (no fork after)
 
@@ -342,7 +343,7 @@ class Wake:
 # "There are 3 ways that the buckd process will shutdown"; and a signal, idleness, a lost repo.
 def serve(api):
     """Wait until buckd must shut down; return (how, why). (A panic exits from anywhere.)"""
-    checked, marker_missing = time.monotonic(), False
+    checked, missing_since = time.monotonic(), None
     while True:
         now = time.monotonic()
         idle_at = (now if api.commands else api.idle_since) + (api.idle_timeout or float("inf"))
@@ -355,9 +356,11 @@ def serve(api):
         if now >= checked + api.check_interval:
             if reason := check_files_still_ours(api):
                 return "self-check", reason                                     # 2.
-            was_missing = marker_missing            # gone means gone at two checks in a row
-            marker_missing = not os.path.isfile(os.path.join(api.root, buck.MARKER))
-            if marker_missing and was_missing:
+            if os.path.isfile(os.path.join(api.root, buck.MARKER)):
+                missing_since = None
+            elif missing_since is None:             # gone means gone at two checks in a row,
+                missing_since = now                 # MARKER_GRACE apart: not being rewritten
+            elif now - missing_since >= MARKER_GRACE:
                 return "repository gone", f"{printable(api.root)} or its {buck.MARKER} is gone"
             checked = now
         if reason := api.idle_out():
