@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT OR Apache-2.0. Upstream file of buckd: replace it on upgrade, never edit it.
 """The evidence that buckd keeps buck2's daemon_lifecycle.md, claim by claim.
 
 Every test drives real processes: `buck.py` clients starting a real buckd, each test in a
@@ -1085,6 +1086,23 @@ def test_crash_report_points_at_the_kept_log(sb):
     assert "Traceback" not in (sb.dir() / buck.STDERR_FILE).read_text()
 
 
+
+def test_a_crash_is_said_once_and_a_later_failed_start_says_only_its_own_error(sb):
+    """Issue 19: "after a crash, every later failed start (a bad BUCKD_IDLE_TIMEOUT) repeats the
+    old traceback before its error": a bad setting is refused in one line of its own, before
+    anything about the crash; the next good start says the crash, once; the one after, nothing."""
+    assert sb.buck("server").code == 0
+    assert sb.buck("debug", "crash").code == 1
+    for _ in range(2):
+        r = sb.buck("server", env={buck.IDLE_TIMEOUT_ENV: "soon"})
+        assert r.code == 1 and len(r.err.splitlines()) == 1 and one_line_error(r), r.err
+        assert buck.IDLE_TIMEOUT_ENV in r.err and "crashed" not in r.err and "  | " not in r.err
+    r = sb.buck("server")
+    assert r.code == 0 and f"{buck.DAEMON} crashed, see " in r.err and "RuntimeError" in r.err, r.err
+    assert sb.buck("kill").code == 0
+    r = sb.buck("server")
+    assert r.code == 0 and "crashed" not in r.err and "  | " not in r.err, r.err
+
 # --- "A client only uses a buckd connection after making sure it has a compatible version"
 
 def test_command_goes_to_the_daemon_whose_version_was_checked(sb, other_buck):
@@ -1637,7 +1655,8 @@ def test_a_bad_seconds_operand_fails_its_own_call_only(sb):
 @pytest.mark.parametrize("args, said", [
     (["debug sleep", "5", "6"], "unknown command debug sleep"),
     (["debug sleep", "5"], "unknown command debug sleep"),
-    (["status", "--json", "--json"], "--json given twice")])
+    (["status", "--json", "--json"], "--json given twice"),
+    (["status", "--json=yes"], "--json takes no value")])
 def test_argv_words_are_taken_as_given(sb, args, said):
     """Issue 16: a command is its words: `buck "debug sleep" 5 6` (one argv word) is an unknown
     command, not a sleep; an option given twice is a usage error. Exit 2, one line, and no

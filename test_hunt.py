@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT OR Apache-2.0. buckd's own test file (not vendored).
 """Issue 20's points, each as a real-process test that fails before the behaviour is built.
 
 "Done means: each point above has a test that fails on today's main." Every test drives real

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT OR Apache-2.0. buckd's own test file (not vendored).
 """Vendoring, as a team does it (README, "Vendoring"): `tools/vendor.py` into a temporary
 monorepo as tools/acme/ (tool `acme`, daemon `acmed`), with a workload of the team's own (a
 `count` command, its module checks.py in workload.SOURCES), run by its launcher on PATH from a
@@ -390,6 +391,9 @@ def test_vendored_tool_works_under_its_own_names(mono):
     r = mono("count", "--min=few", "a.txt")
     assert (r.code, r.out) == (2, "") and r.err == \
         "acme: count: --min must be a whole number, not few (usage: acme count [--min=N] PATH...)\n"
+    r = mono("count", "--min", "a.txt")             # (issue 19: not a.txt as the value)
+    assert (r.code, r.out) == (2, "") and r.err == \
+        "acme: count: --min needs a value, as --min=VALUE (usage: acme count [--min=N] PATH...)\n"
     r = mono("count", "nowhere.txt")
     assert (r.code, r.out, r.err) == (1, "", "acme count: nowhere.txt: No such file or directory\n")
     r = mono("debug", "sleep", "0")                 # upstream's debug_commands.py

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT OR Apache-2.0. buckd's own test file (not vendored).
 """The sample workload's tests: `hash` (sha256sum's output, computed in buckd) and its
 digest cache. A team that replaces `hash` with its own commands (README, "Vendoring")
 replaces this file; test_buckd.py, the lifecycle tests, stays as it is.

@@ -1,4 +1,5 @@
-# The team's file (README, "Vendoring"): its tool's names and commands. Upstream never overwrites it.
+# SPDX-License-Identifier: MIT OR Apache-2.0. The team's file (buckd's README, "Vendoring"):
+# its tool's names and commands, first written from buckd's sample. Upstream never overwrites it.
 """The commands buckd runs: the workload, which buck2's daemon_lifecycle.md never mentions.
 
 buckd loads this module through one seam, COMMANDS: name -> (usage, help, handler). A vendoring
@@ -97,8 +98,9 @@ def digest(call, path, st):
     their size (an empty /proc file may have content later, under the same stat). None if
     stopped midway; an OSError if it cannot be read."""
     entry = digests.get(st.st_dev << 64 | st.st_ino)
-    if entry and entry.startswith(stamp(st)):
-        return entry[len(stamp(st)):]
+    known = stamp(st)
+    if entry and entry.startswith(known):
+        return entry[len(known):]
     import hashlib
     started, sha, size = time.time_ns(), hashlib.sha256(), 0
     try:
