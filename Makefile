@@ -38,7 +38,7 @@ demo: setup
 # workers than cores; worksteal, as a few tests take seconds and most a fraction of one.
 TEST_WORKERS ?= 4
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal test_buckd.py test_workload.py test_hunt.py test_vendor.py
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal test_buckd.py test_workload.py test_vendor.py
 
 stress: setup
 	@for i in $$(seq 20); do \

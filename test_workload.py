@@ -373,3 +373,24 @@ def test_an_empty_proc_file_is_never_cached(sb):
         parent.kill()
         parent.wait()
 
+
+# --- Issue 20: the digest cache's racy window
+
+def test_workload_a_whole_second_mtime_hashed_within_its_racy_window_is_read_again(sb):
+    """WORKLOAD (`hash`), issue 20, 6 (iii): "the digest cache's racy window: a file whose mtime
+    is a whole second (os.utime with ns = whole seconds) hashed within 2 s of that second must
+    be READ AGAIN next time (status `files_read` grows on the second `hash`)"."""
+    assert sb.buck("server").code == 0
+    f = sb.repo / "f"
+    f.write_text("content")
+    for _ in range(5):              # (until the first hash falls within 2 s of the mtime)
+        whole = time.time_ns() // 1_000_000_000 * 1_000_000_000
+        os.utime(f, ns=(whole, whole))
+        assert sb.buck("hash", "f").code == 0
+        if time.time_ns() - whole < 2_000_000_000:
+            break
+    else:
+        raise AssertionError("no `hash` came within 2 s of a whole second: the machine is too slow")
+    first = sb.status()["files_read"]
+    assert sb.buck("hash", "f").code == 0
+    assert sb.status()["files_read"] > first, "a racy whole-second file's digest was cached"
