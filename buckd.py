@@ -937,7 +937,7 @@ def start_daemon(d, isolation, why):
 # --- "buck kill and other daemon restarts", and the commands that report daemons
 
 def cmd_kill(isolation, options):
-    """`buck kill`: steps 1-3 and 6 of "start/restart"; the user's word, even from inside """
+    """`buck kill`: steps 1-3 and 6 of "start/restart"; the user's word, even from inside buckd."""
     d = daemon_dir(isolation)
     with LifecycleLock(d):
         pid = kill_daemon(d, f"`{TOOL} kill` was invoked by pid {os.getpid()}")
