@@ -9,12 +9,20 @@ small); workload.py, the team's file, its names and the commands buckd runs."""
 import os, sys, time
 import _signal                      # (signal's C half, loaded already: `import signal` costs 5 ms)
 
-EXIT_INTERRUPTED = 130              # Ctrl-C: 128 + SIGINT, at once and quietly, from here on
-if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:    # (not if it is ignored)
-    _signal.signal(_signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
+EXIT_INTERRUPTED = 130              # Ctrl-C: 128 + SIGINT
+
+
+def quiet_ctrl_c():
+    """Ctrl-C exits at once and quietly (unless it is ignored: a background job). In a program
+    run as buck, from its first line; a program that imports buck keeps its own."""
+    if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+        _signal.signal(_signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
+
+
 if sys.version_info < (3, 11):      # the floor, said before anything else can fail
     sys.exit(f"{sys.argv[0]}: needs Python 3.11 or newer, not {sys.version.split()[0]}")
 if __name__ == "__main__":
+    quiet_ctrl_c()
     sys.modules.setdefault("buck", sys.modules["__main__"])    # workload and buckd import us
 try:
     import workload                 # the team's file: its names, its commands (README, "Vendoring")
@@ -399,6 +407,7 @@ def owned(d):
 
 def entry():
     """`python buck.py ...`, and a vendored launcher: run main, exit with its code."""
+    quiet_ctrl_c()
     os._exit(main(sys.argv[1:]))    # skip interpreter teardown: grpc's threads make it slow
 
 

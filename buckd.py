@@ -315,7 +315,8 @@ def file_id(path):
 
 
 def log(message):
-    print(time.strftime("%Y-%m-%d %H:%M:%S"), message, file=sys.stderr, flush=True)
+    with suppress(OSError):         # (a full disk: the log is never a condition for running)
+        print(time.strftime("%Y-%m-%d %H:%M:%S"), message, file=sys.stderr, flush=True)
 
 
 class Wake:
@@ -389,11 +390,13 @@ def check_files_still_ours(api):
 def panic(api, error):
     """A bug of buckd's own, wherever it happens: log its traceback, exit at once."""
     import traceback
-    traceback.print_exception(error)
+    with suppress(OSError):         # (a full disk)
+        traceback.print_exception(error)
     daemon_step(api, "daemon.shutdown", reason=f"panic: {error!r}", path="panic")
     record_end(api, "panic", repr(error))
     daemon_step(api, "daemon.exit")
-    sys.stderr.flush()
+    with suppress(OSError):
+        sys.stderr.flush()
     os._exit(buck.EXIT_PANIC)
 
 
@@ -602,7 +605,8 @@ def run_workload(request, stop, pid_stat):
 def client(isolation, name, args, options):
     import json, signal     # (json before our Ctrl-C handler, whose step() needs it whole)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `buck hash | head` ends quietly
-    signal.signal(signal.SIGINT, interrupted)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:   # (ignored: a background job)
+        signal.signal(signal.SIGINT, interrupted)
     if name in LOCAL_COMMANDS:
         return LOCAL_COMMANDS[name](isolation, options)
     return run_command(owned(daemon_dir(isolation)), isolation, name, args, options)
@@ -697,7 +701,7 @@ def check_version(d, raw, timeout=STATUS_TIMEOUT):
     """Steps 2-3: (Connection, Status reply, None), or (None, None, Why)."""
     info, pid = parse_info(raw), holder(d)
     if info is None and (raw or pid):
-        what = "corrupt" if raw else f"missing, while pid {pid} holds {PID_FILE}"
+        what = "corrupt" if raw else f"missing, while pid {pid} holds {PID_FILE} (starting, or exiting)"
         return None, None, Why(CORRUPT, f"{INFO_FILE} is {what}")
     if info is None:
         return None, None, Why(NO_DAEMON, f"no {DAEMON} was running")
@@ -1002,15 +1006,16 @@ def ask_status(d):
 
 
 def status_row(d, pid, info, call, patience):
-    """d as `status` shows it: running, not responding, starting, dead or none."""
+    """d as `status` shows it: running, not responding, shutting down, starting, dead or none."""
     if call:
         try:
             return status_fields(call.result())
         except grpc.RpcError as e:
-            exiting = e.code() == grpc.StatusCode.UNAVAILABLE
-            if not exiting or not poll(lambda: holder(d) != pid, patience):
+            if e.code() != grpc.StatusCode.UNAVAILABLE:     # (a wedged buckd still accepts)
                 return {"daemon_dir": d, "pid": pid, "state": f"not responding: {rpc_error(e)}"}
-            pid = None              # it was shutting down, and now it is gone
+            if not poll(lambda: holder(d) != pid, patience):
+                return {"daemon_dir": d, "pid": pid, "state": f"shutting down ({rpc_error(e)})"}
+            pid, info = None, read_info(d)      # it was shutting down, and now it is gone
     if pid is not None:
         return {"daemon_dir": d, "pid": pid, "state": f"starting, not named in {INFO_FILE} yet"}
     last = last_pid(d)

@@ -956,6 +956,21 @@ def test_ctrl_c_once_buck_py_runs_exits_130_quietly(sb):
     assert guarantees_hold(sb)      # a client interrupted holding lifecycle.lock said so
 
 
+def test_ctrl_c_is_the_importers_and_ignored_in_a_background_job(sb):
+    """Ctrl-C is quiet only where buck runs as the program: a program that imports buck keeps
+    its own Ctrl-C (tools and tests clean up on it); a client started with SIGINT ignored (a
+    background job) ignores it to its end, its command too."""
+    check = "import signal, buck; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    r = subprocess.run([PY, "-c", check], cwd=HERE, capture_output=True, text=True)
+    assert r.stdout == "True\n", r.stderr
+    assert sb.buck("server").code == 0
+    client = sb.spawn("debug", "sleep", "2", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert client.stdout.readline()     # running in buckd
+    os.kill(client.pid, signal.SIGINT)
+    r = result(client, *client.communicate(timeout=30))
+    assert (r.code, r.out, r.err) == (0, "", ""), r.err
+
+
 def test_startup_failure_before_stdio_is_redirected_is_one_line(sb):
     """buckd failing before it redirects its stdio (buckd.pid is a directory): one line
     with the reason, and no daemon."""
