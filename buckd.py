@@ -394,7 +394,7 @@ def panic(api, error):
         traceback.print_exception(error)
     daemon_step(api, "daemon.shutdown", reason=f"panic: {error!r}", path="panic")
     record_end(api, "panic", repr(error))
-    daemon_step(api, "daemon.exit")
+    daemon_step(api, "daemon.exit", code=buck.EXIT_PANIC)
     with suppress(OSError):
         sys.stderr.flush()
     os._exit(buck.EXIT_PANIC)
