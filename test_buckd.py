@@ -255,6 +255,19 @@ class RawClient:
         self.streams.append(stream)
         return stream, accepted
 
+    def events(self, request):
+        """Run one command on a stream of its own, to its end: its events, then close."""
+        try:
+            stream, accepted = self.command(request)
+            events = []
+            for event in stream:
+                events.append(event)
+                if event.HasField("accepted"):
+                    accepted.set()
+            return events
+        finally:
+            self.close()
+
     def close(self):
         for stream in self.streams:
             stream.cancel()
@@ -1686,15 +1699,7 @@ def test_buckd_says_a_usage_error_as_the_client_does(sb):
     assert own.code == 2 and own.err == f"{buck.TOOL}: debug sleep: missing operand(s) (usage: {buck.TOOL} debug sleep SECONDS)\n"
     sb.buck("server")
     raw = RawClient(sb.info())
-    try:
-        stream, accepted = raw.command(raw.pb.CommandRequest(name="debug sleep", args=[b"x"], cwd=b"/"))
-        events = []
-        for event in stream:
-            events.append(event)
-            if event.HasField("accepted"):
-                accepted.set()
-    finally:
-        raw.close()
+    events = raw.events(raw.pb.CommandRequest(name="debug sleep", args=[b"x"], cwd=b"/"))
     assert events[-1].exit_code == 2, events
     assert b"".join(e.stderr for e in events) == (f"{buck.TOOL}: debug sleep: SECONDS must be seconds "
                                                   f"from 0 to 1e+07, not x (usage: {buck.TOOL} debug sleep "

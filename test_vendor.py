@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,6 +29,7 @@ PY = sys.executable
 sys.path.insert(0, str(HERE / "tools"))
 import lifecycle                    # noqa: E402  (the checker of the doc's three guarantees)
 import vendor                       # noqa: E402  (its UPSTREAM list: what a changed upstream copies)
+from test_buckd import alive, wait_for            # noqa: E402  (the harness's /proc helpers)
 
 # The lifecycle tests run inside the vendored copy: one for each claim of the doc a team must see
 # hold for its own names (the whole suite takes minutes; these under half a minute): `status`
@@ -91,28 +91,6 @@ def cmd_count(call):
 
 
 # --- Processes, seen through /proc
-
-def wait_for(condition, timeout=15.0, what="the condition"):
-    """Poll until condition() is truthy and return it; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-    return value
-
-
-def state(pid):
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode()
-    except (OSError, IndexError):
-        return None
-
-
-def alive(pid):
-    return state(pid) not in (None, "Z")
-
 
 def proc_file(pid, name):
     try:

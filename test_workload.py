@@ -55,15 +55,7 @@ def test_malformed_hash_requests_end_their_own_call(sb, request_, code):
     sb.buck("server")
     info = sb.info()
     raw = RawClient(info)
-    try:
-        stream, accepted = raw.command(raw.pb.CommandRequest(**request_))
-        events = []
-        for event in stream:
-            events.append(event)
-            if event.HasField("accepted"):
-                accepted.set()
-    finally:
-        raw.close()
+    events = raw.events(raw.pb.CommandRequest(**request_))
     assert events[-1].exit_code == code, events
     said = b"".join(e.stderr for e in events)
     assert code != 2 or said.startswith(f"{buck.TOOL}: hash: ".encode()) \
