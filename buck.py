@@ -193,7 +193,8 @@ def daemon_settings(given_only=False):
 
 def setting(name, text):
     """A daemon setting's seconds, within its bounds (an idle timeout of 0: never); else a usage error."""
-    never = name == IDLE_TIMEOUT_ENV and text in ("0", "0.0")
+    decimal = text.isascii() and text.replace(".", "", 1).isdigit()
+    never = name == IDLE_TIMEOUT_ENV and decimal and float(text) == 0     # (0, 0.0, 00...)
     return 0.0 if never else seconds(text, name, SETTINGS[name][2], MAX_SECONDS)
 
 
