@@ -2334,29 +2334,6 @@ def test_buckd_exits_when_its_repository_is_gone(sb, repos, change):
     assert guarantees_hold(sb)
 
 
-# --- The README's doc -> code -> test table points at things that exist
-
-def test_the_readmes_table_names_real_code_and_real_tests():
-    """A reader holding the doc finds each paragraph in the code through the README's table:
-    every function it names exists in buck.py, buckd.py or workload.py, and every test it
-    names is in this file or test_workload.py (a rename that forgets the README fails here)."""
-    import re
-    import buckd
-    import workload
-    readme = (HERE / "README.md").read_text()
-    table = readme[readme.index("| doc section |"):readme.index("## Adding a command")]
-    modules = {"buck": buck, "buckd": buckd, "workload": workload, "DaemonApi": buckd.DaemonApi}
-    names = re.findall(r"`(buck|buckd|workload|DaemonApi)\.(\w+)`", table)
-    assert len(names) > 30, names
-    files = {"pid", "info", "stdout", "stderr", "end", "py", "proto"}     # buckd.info is a file
-    missing = [f"{m}.{n}" for m, n in names if n not in files and not hasattr(modules[m], n)]
-    tests = {name for file in ("test_buckd.py", "test_workload.py")        # (hash's: the latter)
-             for name in re.findall(r"^def (test_\w+)", (HERE / file).read_text(), re.M)}
-    named = re.findall(r"`(test_\w+)(\*?)`", table)
-    missing += [t for t, star in named if not (any(x.startswith(t) for x in tests) if star else t in tests)]
-    assert not missing, f"README.md names what does not exist: {missing}"
-
-
 # --- Issue 20: status is not use, settings take effect, killall is bounded, status shows what
 # runs; and the fault hunt's repros. Each failed before the behaviour was built ("Done means:
 # each point above has a test that fails on today's main").

@@ -29,7 +29,7 @@ PY = sys.executable
 sys.path.insert(0, str(HERE / "tools"))
 import lifecycle                    # noqa: E402  (the checker of the doc's three guarantees)
 import vendor                       # noqa: E402  (its UPSTREAM list: what a changed upstream copies)
-from test_buckd import alive, wait_for            # noqa: E402  (the harness's /proc helpers)
+from test_buckd import alive, buck, wait_for      # noqa: E402  (the harness's /proc helpers)
 
 # The lifecycle tests run inside the vendored copy: one for each claim of the doc a team must see
 # hold for its own names (the whole suite takes minutes; these under half a minute): `status`
@@ -564,3 +564,28 @@ def test_the_lifecycle_tests_pass_in_an_upgraded_copy():
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(tmp)
     assert not leaked, f"processes left running: {leaked}"
+
+
+# --- The repository's own: the README's doc -> code -> test table points at things that exist
+# (a vendored copy has no README: this lives here, not in test_buckd.py)
+
+def test_the_readmes_table_names_real_code_and_real_tests():
+    """A reader holding the doc finds each paragraph in the code through the README's table:
+    every function it names exists in buck.py, buckd.py or workload.py, and every test it
+    names is in this file or test_workload.py (a rename that forgets the README fails here)."""
+    import re
+    import buckd
+    import workload
+    readme = (HERE / "README.md").read_text()
+    table = readme[readme.index("| doc section |"):readme.index("## Adding a command")]
+    modules = {"buck": buck, "buckd": buckd, "workload": workload, "DaemonApi": buckd.DaemonApi}
+    names = re.findall(r"`(buck|buckd|workload|DaemonApi)\.(\w+)`", table)
+    assert len(names) > 30, names
+    files = {"pid", "info", "stdout", "stderr", "end", "py", "proto"}     # buckd.info is a file
+    missing = [f"{m}.{n}" for m, n in names if n not in files and not hasattr(modules[m], n)]
+    tests = {name for file in ("test_buckd.py", "test_workload.py")        # (hash's: the latter)
+             for name in re.findall(r"^def (test_\w+)", (HERE / file).read_text(), re.M)}
+    named = re.findall(r"`(test_\w+)(\*?)`", table)
+    missing += [t for t, star in named if not (any(x.startswith(t) for x in tests) if star else t in tests)]
+    assert not missing, f"README.md names what does not exist: {missing}"
+
