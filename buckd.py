@@ -197,7 +197,8 @@ def daemonize(name):
     os.umask(0o077)                 # every file we create is private
     with suppress(OSError, AttributeError):     # our name in `ps` and `top` (15 bytes, whole
         import ctypes               # characters; Linux: PR_SET_NAME; elsewhere we stay python)
-        short = printable(name).encode()[:15].decode(errors="ignore").encode()
+        shown = "".join(c if c.isprintable() else "?" for c in name)     # (as ps shows them)
+        short = shown.encode(errors="replace")[:15].decode(errors="ignore").encode()
         ctypes.CDLL(None).prctl(15, short, 0, 0, 0)
 
 
