@@ -150,15 +150,12 @@ def write_json(path, value):
     import json
     data, tmp = json.dumps(value).encode(), f"{path}.{os.getpid()}.tmp"
     try:
-        try:
-            write_file(tmp, data)
-            os.replace(tmp, path)
-        except OSError as e:
-            if e.errno != 28:       # (ENOSPC)
-                raise
-            write_file(path, data)
+        write_file(tmp, data)
+        os.replace(tmp, path)
     except OSError as e:
-        raise OSError(e.errno, e.strerror, path) from None
+        if e.errno != 28:           # (ENOSPC)
+            raise OSError(e.errno, e.strerror, path) from None
+        write_file(path, data)
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)          # (a full disk, a directory in the way: nothing left behind)
@@ -193,9 +190,9 @@ def daemon_settings(given_only=False):
 
 def setting(name, text):
     """A daemon setting's seconds, within its bounds (an idle timeout of 0: never); else a usage error."""
-    decimal = text.isascii() and text.replace(".", "", 1).isdigit()
-    never = name == IDLE_TIMEOUT_ENV and decimal and float(text) == 0     # (0, 0.0, 00...)
-    return 0.0 if never else seconds(text, name, SETTINGS[name][2], MAX_SECONDS)
+    if name == IDLE_TIMEOUT_ENV and seconds(text, name, 0, MAX_SECONDS) == 0:
+        return 0.0
+    return seconds(text, name, SETTINGS[name][2], MAX_SECONDS)
 
 
 # --- "There's a small set of commands/arguments that don't require the daemon (`buck help`, ...)"

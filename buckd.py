@@ -31,7 +31,7 @@ def holder(d):
     form = "hhqqi" if linux else "qqihh"
     query = (fcntl.F_WRLCK, 0, 0, 0, 0) if linux else (0, 0, 0, fcntl.F_WRLCK, 0)
     try:
-        fd = buck.open_file(os.path.join(d, PID_FILE), os.O_RDONLY | NOFOLLOW)
+        fd = open_file(os.path.join(d, PID_FILE), os.O_RDONLY | NOFOLLOW)
         try:
             answer = struct.unpack(form, fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(form, *query)))
         finally:
@@ -49,11 +49,11 @@ def named_pid(text):
 
 
 def last_pid(d):
-    return named_pid(buck.read_file(os.path.join(d, PID_FILE), NOFOLLOW))
+    return named_pid(read_file(os.path.join(d, PID_FILE), NOFOLLOW))
 
 
 def read_info(d):
-    return parse_info(buck.read_file(os.path.join(d, INFO_FILE), NOFOLLOW))
+    return parse_info(read_file(os.path.join(d, INFO_FILE), NOFOLLOW))
 
 
 def parse_info(raw):
@@ -85,7 +85,7 @@ def end_record(where):
     """END_FILE in dir `where`: {"pid"} while that buckd runs, then with "how" and "why"; or {}."""
     import json
     try:
-        end = json.loads(buck.read_file(os.path.join(where, END_FILE), NOFOLLOW) or b"")
+        end = json.loads(read_file(os.path.join(where, END_FILE), NOFOLLOW) or b"")
     except (ValueError, RecursionError):
         return {}
     kinds = {"pid": int, "how": str, "why": str}
@@ -117,10 +117,10 @@ def crash_log(d, pid):
     """Buckd `pid`'s stderr (found by the pid its first line names) and its last 20 lines."""
     paths = (os.path.join(d, STDERR_FILE), os.path.join(d, PREV_DIR, STDERR_FILE))
     mark = f" pid {pid} ".encode()
-    path = next((p for p in paths if mark in (buck.read_file(p, NOFOLLOW, 200) or b"")), paths[0])
+    path = next((p for p in paths if mark in (read_file(p, NOFOLLOW, 200) or b"")), paths[0])
     tail = b""
     with suppress(OSError):
-        fd = buck.open_file(path, os.O_RDONLY | NOFOLLOW)
+        fd = open_file(path, os.O_RDONLY | NOFOLLOW)
         try:
             tail = os.pread(fd, 8192, max(0, os.fstat(fd).st_size - 8192))    # never the whole log
         finally:
@@ -135,7 +135,7 @@ def record_end(api, how, why):
     ours = {"pid": os.getpid()}
     with suppress(OSError):
         if end_record(api.dir) == ours:
-            buck.write_json(os.path.join(api.dir, END_FILE), {**ours, "how": how, "why": why})
+            write_json(os.path.join(api.dir, END_FILE), {**ours, "how": how, "why": why})
 
 
 def all_daemon_dirs():
@@ -162,10 +162,10 @@ def all_daemon_dirs():
 # --- "daemon process flow": "started with the (hidden) `buck daemon` command".
 def main(d, root):
     """`buck daemon`: start buckd; 0 once it serves, 3 if one runs, 2 bad setting, else 1."""
-    settings = buck.daemon_settings()
+    settings = daemon_settings()
     by_hand = f"started by hand (`{TOOL} daemon`, by pid {os.getppid()})"
-    why = os.environ.pop(buck.STARTED_ENV, by_hand)
-    for name in buck.SETTINGS:      # what we run inherits none: a setting is live (Configure)
+    why = os.environ.pop(STARTED_ENV, by_hand)
+    for name in SETTINGS:      # what we run inherits none: a setting is live (Configure)
         os.environ.pop(name, None)
     os.makedirs(d, exist_ok=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # a Ctrl-C meant for our client must not
@@ -177,7 +177,7 @@ def main(d, root):
             word = pipe.read().decode(errors="replace")
         died = f"1 {DAEMON} exited during startup, see {os.path.join(d, STDERR_FILE)}"
         code, _, message = (word or died).partition(" ")
-        buck.to_stderr(f"{message}\n".encode() if message else b"")
+        to_stderr(f"{message}\n".encode() if message else b"")
         return int(code)
     os.close(read_end)
     daemonize(f"{DAEMON}[{os.path.basename(root)}]")
@@ -227,14 +227,14 @@ def run(api, ready):
 
 
 def daemon_step(api, name, **fields):
-    buck.step(name, api.dir, role="daemon", refuse=api.pid_stat, **fields)
+    step(name, api.dir, role="daemon", refuse=api.pid_stat, **fields)
 
 
 def startup_failed(api, ready, e):
     """Tell `buck daemon` why buckd cannot start (3: another holds buckd.pid: "only a single")."""
     problem = f"{printable(e.filename)}: {e.strerror}" if getattr(e, "filename", None) else str(e)
     if api.pid_stat is None and (pid := holder(api.dir)) is not None:
-        return report_ready(ready, buck.EXIT_ALREADY_RUNNING,
+        return report_ready(ready, EXIT_ALREADY_RUNNING,
                             f"{DAEMON} is already running for {printable(api.dir)} (pid {pid})")
     if api.pid_stat is not None:                # we hold buckd.pid: the records say we end
         daemon_step(api, "daemon.shutdown", reason=problem, path="startup")
@@ -242,7 +242,7 @@ def startup_failed(api, ready, e):
         remove_info(api)
         daemon_step(api, "daemon.exit")
     verb = "lock" if api.pid_stat is None else "start"
-    return report_ready(ready, buck.EXIT_FAILED, f"{DAEMON} cannot {verb}: {problem}")
+    return report_ready(ready, EXIT_FAILED, f"{DAEMON} cannot {verb}: {problem}")
 
 
 def report_ready(ready, code, message):
@@ -255,11 +255,11 @@ def report_ready(ready, code, message):
 
 # Correctness 1, "Only a single buckd is running at a time": buckd.pid is "locked exclusively
 # by the daemon process until it exits". A POSIX record lock, so that clients can ask the
-# kernel who holds it (holder); it drops when we close *any* fd of the file: so buck.open_file
+# kernel who holds it (holder); it drops when we close *any* fd of the file: so open_file
 # refuses that file in buckd (api.pid_stat), whatever its name.
 def lock_pid_file(api):
     path = os.path.join(api.dir, PID_FILE)
-    fd = buck.open_file(path, os.O_RDWR | os.O_CREAT | NOFOLLOW)
+    fd = open_file(path, os.O_RDWR | os.O_CREAT | NOFOLLOW)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(0, "not a regular file", path)
@@ -278,7 +278,7 @@ def record_start(api):
     api.previous = how_it_ended(api.dir, api.last_pid) or "none known"
     keep_logs(api.dir)
     with suppress(OSError):         # no record of us: the next client says we vanished
-        buck.write_json(os.path.join(api.dir, END_FILE), {"pid": os.getpid()})
+        write_json(os.path.join(api.dir, END_FILE), {"pid": os.getpid()})
 
 
 def redirect_stdio(api):
@@ -287,7 +287,7 @@ def redirect_stdio(api):
     files = [(os.devnull, os.O_RDONLY), (os.path.join(api.dir, STDOUT_FILE), new),
              (os.path.join(api.dir, STDERR_FILE), new)]
     for fd, (path, flags) in enumerate(files):
-        opened = buck.open_file(path, flags)
+        opened = open_file(path, flags)
         os.dup2(opened, fd)
         os.close(opened)
     sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # (or None)
@@ -298,7 +298,7 @@ def redirect_stdio(api):
 def write_info(api):
     info = {"pid": os.getpid(), "port": api.port, "version": api.version,
             "auth_token": api.token, "start_time": api.start_time}
-    buck.write_json(os.path.join(api.dir, INFO_FILE), info)
+    write_json(os.path.join(api.dir, INFO_FILE), info)
     api.info_id = file_id(os.path.join(api.dir, INFO_FILE))
 
 
@@ -427,7 +427,7 @@ def start_server(api):
     try:
         api.port = server.add_insecure_port("127.0.0.1:0")
         server.start()
-        socket.create_connection(("127.0.0.1", api.port), timeout=buck.STATUS_TIMEOUT).close()
+        socket.create_connection(("127.0.0.1", api.port), timeout=STATUS_TIMEOUT).close()
     except (RuntimeError, OSError) as e:        # (no loopback: nothing could ever connect)
         raise OSError(f"cannot serve on 127.0.0.1 ({e}): is the loopback interface down?")
     return server
@@ -441,7 +441,7 @@ def require_token(token):
 
     class RequireToken(grpc.ServerInterceptor):
         def intercept_service(self, continuation, details):
-            given = dict(details.invocation_metadata).get(buck.TOKEN_KEY, "").encode()
+            given = dict(details.invocation_metadata).get(TOKEN_KEY, "").encode()
             return continuation(details) if hmac.compare_digest(given, token.encode()) else deny
     return RequireToken()
 
@@ -450,7 +450,7 @@ class DaemonApi:
     """All buckd knows, and the DaemonApi it serves."""
 
     def __init__(self, d, root, why, check_interval_s, idle_timeout_s):
-        self.dir, self.root, self.why, self.version = d, root, printable(why), buck.version()
+        self.dir, self.root, self.why, self.version = d, root, printable(why), version()
         self.check_interval, self.idle_timeout = check_interval_s, idle_timeout_s
         self.pid_fd = self.pid_stat = self.last_pid = self.info_id = None   # set by lock_pid_file
         self.previous, self.port, self.token = "none known", 0, os.urandom(16).hex()
@@ -485,9 +485,9 @@ class DaemonApi:
     def Configure(self, request, context):
         """A client's daemon settings, applied live: serve() reads them when it wakes."""
         try:
-            for name, (field, *_) in buck.SETTINGS.items():
+            for name, (field, *_) in SETTINGS.items():
                 buck.setting(name, str(getattr(request, field)))
-        except buck.Fail as e:
+        except Fail as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         with self.lock:             # (a new idle timeout counts from now: it never ends our client's buckd)
             self.check_interval, self.idle_timeout = request.check_interval_s, request.idle_timeout_s
@@ -561,7 +561,7 @@ def resource_usage():
     import resource
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)     # (bytes on macOS)
-    statm = (buck.read_file("/proc/self/statm") or b"0 0").split()
+    statm = (read_file("/proc/self/statm") or b"0 0").split()
     rss = int(statm[1]) * os.sysconf("SC_PAGE_SIZE") or peak
     cpu = usage.ru_utime + usage.ru_stime
     return {"rss_bytes": rss, "peak_rss_bytes": max(peak, rss), "cpu_s": cpu}
@@ -585,7 +585,7 @@ def run_workload(request, stop, pid_stat):
     from functools import partial
     from types import SimpleNamespace
     call = SimpleNamespace(args=list(request.args), options=dict(request.options), cwd=request.cwd,
-                           stop=stop, open=partial(buck.open_file, refuse=pid_stat))
+                           stop=stop, open=partial(open_file, refuse=pid_stat))
     try:
         buck.check_usage(request.name, call.args, call.options)
         events = buck.workload_commands()[request.name][2](call)
@@ -595,8 +595,8 @@ def run_workload(request, stop, pid_stat):
             except StopIteration as end:
                 return end.value
             yield pb.CommandEvent(**{kind: data})
-    except buck.Fail as e:                      # said as the client says its own
-        message = buck.usage_error(request.name, e) if e.code == buck.EXIT_USAGE else e
+    except Fail as e:                      # said as the client says its own
+        message = buck.usage_error(request.name, e) if e.code == EXIT_USAGE else e
         yield pb.CommandEvent(stderr=f"{TOOL}: {message}\n".encode(errors="backslashreplace"))
         return e.code
 
@@ -604,7 +604,7 @@ def run_workload(request, stop, pid_stat):
 # --- The client's side: "client connection and buckd startup", then "buck kill" and the
 # commands that report buckds. Every command but help, version and daemon comes here.
 def client(isolation, name, args, options):
-    import json, signal     # (json before our Ctrl-C handler, whose step() needs it whole)
+    import json             # noqa: F401  (before our Ctrl-C handler, whose step() needs it whole)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `buck hash | head` ends quietly
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:   # (ignored: a background job)
         signal.signal(signal.SIGINT, interrupted)
@@ -684,7 +684,7 @@ def connect(d, isolation):
     except Fail as e:
         raise Fail(f"bad {DAEMON} setting: {e}") from None
     for _ in range(ATTEMPTS):
-        raw = read_file(os.path.join(d, INFO_FILE), os.O_NOFOLLOW)     # 1. read buckd.info
+        raw = read_file(os.path.join(d, INFO_FILE), NOFOLLOW)          # 1. read buckd.info
         step("connect.1", d, found=raw is not None)
         conn, reply, why = check_version(d, raw)                      # 2-3. connect, check
         if conn:
@@ -700,7 +700,8 @@ def connect(d, isolation):
 # version": a Connection is only ever returned here, after a Status naming our version.
 def check_version(d, raw, timeout=STATUS_TIMEOUT):
     """Steps 2-3: (Connection, Status reply, None), or (None, None, Why)."""
-    info, pid = parse_info(raw), holder(d)
+    info = parse_info(raw)
+    pid = holder(d) if info is None else None       # (the usual path asks no lock)
     if info is None and (raw or pid):
         what = "corrupt" if raw else f"missing, while pid {pid} holds {PID_FILE} (starting, or exiting)"
         return None, None, Why(CORRUPT, f"{INFO_FILE} is {what}")
@@ -748,7 +749,7 @@ def restart(d, isolation, seen, why):
     with LifecycleLock(d):                  # 1. lock "lifecycle.lock"; 6. release it on leaving
         refuse_to_restart_here(d, why)
         wait_while_a_buckd_starts(d)
-        if read_file(os.path.join(d, INFO_FILE), os.O_NOFOLLOW) != seen:
+        if read_file(os.path.join(d, INFO_FILE), NOFOLLOW) != seen:
             return                          # another client restarted it meanwhile
         if answers_when_asked_again(d, seen, why):
             return                          # it was only us that were paused
@@ -813,14 +814,13 @@ class LifecycleLock:
     def __init__(self, d):
         self.d, self.path = owned(d), os.path.join(d, LOCK_FILE)
         os.makedirs(d, exist_ok=True)
-        self.fd = open_file(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)
+        self.fd = open_file(self.path, os.O_RDWR | os.O_CREAT | NOFOLLOW)
         if not stat.S_ISREG(os.fstat(self.fd).st_mode):     # (a FIFO, a device: no lock to take)
             os.close(self.fd)
             raise OSError(0, "not a regular file", self.path)
 
     def take(self):
         """Take the lock if it is free; never wait."""
-        import fcntl
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
@@ -868,7 +868,6 @@ def kill_daemon(d, reason):
 def kill_daemons(dirs, reason):
     """Steps 2-3 in each dir at once: ask its buckd to exit, then see it gone by pid (SIGTERM,
     then SIGKILL). Returns ({dir: pid killed, or None}, {dir: why its buckd still runs})."""
-    import signal
     running, calls = {}, {}
     for d in dirs:
         pid = running[d] = holder(d)
@@ -904,7 +903,6 @@ def still_running(running):
 
 def signal_buckd(d, pid, sig, reason):
     """Record who kills pid and why, then signal it, only if it holds buckd.pid's lock."""
-    import signal
     if pid > 1 and pid != os.getpid() and holder(d) == pid:
         if end_record(d).get("how") in (None, "kill"):   # (unless buckd has said how it ends)
             end = {"pid": pid, "how": "kill", "why": f"{reason} ({sig.name})"}
@@ -1092,7 +1090,6 @@ def status_line(row):
 def run_command(d, isolation, name, operands, options):
     """Send a command to a buckd whose version we checked; resend only until one accepts it."""
     import queue
-    import threading
     load_grpc()
     refusals = {grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE, grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_FAILED}
     request = pb.CommandRequest(name=name, args=[os.fsencode(a) for a in operands], options=options,
