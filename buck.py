@@ -2,10 +2,8 @@
 # SPDX-License-Identifier: MIT OR Apache-2.0. Upstream file of buckd: replace it on upgrade, never edit it.
 """buck, the command line of a tool with a daemon, after buck2's daemon_lifecycle.md:
 https://github.com/facebook/buck2/blob/main/app/buck2_daemon/daemon_lifecycle.md
-Here: the names, what needs no daemon (`buck help`, parse failures, `buck version`), the
-lifecycle log. buckd.py holds the lifecycle itself, the client's side and the daemon's, which
-every other command imports (compiled once: this file is compiled at every run, so it is
-small); workload.py, the team's file, its names and the commands buckd runs."""
+Here: the names, main, the lifecycle log, the daemon dir. buckd.py: the lifecycle, both sides;
+buck_commands.py: the commands around it; workload.py: the team's names and commands."""
 import os, sys, time
 import _signal                      # (signal's C half, loaded already: `import signal` costs 5 ms)
 
@@ -30,8 +28,8 @@ except ImportError as e:
     sys.exit(f"{sys.argv[0]}: {e}: workload.py, the team's file, goes beside buck.py")
 from workload import TOOL, DAEMON, MARKER       # buck, buckd, .buckconfig: the rest follows
 
-RELEASE = "1.0.0"                   # upstream's release (CHANGELOG.md); the version is a checksum of:
-SOURCES = ("buck.py", "buckd.py", "debug_commands.py", "daemon.proto", "daemon_pb2.py",
+RELEASE = "1.1.0"                   # upstream's (CHANGELOG.md); the version is a checksum of:
+SOURCES = ("buck.py", "buckd.py", "buck_commands.py", "daemon.proto", "daemon_pb2.py",
            "daemon_pb2_grpc.py", *workload.SOURCES)
 STATE_DIR = f".{TOOL}"                  # daemon dirs: $HOME/.buck/buckd/<repo root>/<isolation>
 DEFAULT_ISOLATION = "v2"                # the isolation dir when --isolation-dir is not given
@@ -65,8 +63,8 @@ CHECK_INTERVAL = 100.0  # buckd's self-check: "every 100s or so" (BUCKD_CHECK_IN
 IDLE_TIMEOUT = 3 * 3600.0   # as Bazel's --max_idle_secs (BUCKD_IDLE_TIMEOUT; 0: never)
 MIN_IDLE = 1.0          # a shorter idle timeout ends buckd before its client can use it
 MAX_SECONDS = 1e7       # the longest duration we accept (115 days)
-SETTINGS = {CHECK_INTERVAL_ENV: ("check_interval_s", CHECK_INTERVAL, 0.01),   # buckd's settings:
-            IDLE_TIMEOUT_ENV: ("idle_timeout_s", IDLE_TIMEOUT, MIN_IDLE)}     # field, default, least
+SETTINGS = {CHECK_INTERVAL_ENV: ("check_interval_s", CHECK_INTERVAL, 0.01),  # buckd's settings: its
+            IDLE_TIMEOUT_ENV: ("idle_timeout_s", IDLE_TIMEOUT, MIN_IDLE)}    # field, default, least
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 STUBS = ("daemon_pb2*.py are generated from daemon.proto: python3 -m grpc_tools.protoc -I. "
@@ -132,11 +130,14 @@ def open_file(path, flags=os.O_RDONLY, st=None, refuse=None):
     return fd
 
 
-def read_file(path, flags=0, limit=1 << 20):
-    """The file's bytes (at most `limit`), or None if it cannot be read (missing, a FIFO...)."""
+def read_file(path, flags=0, limit=1 << 20, tail=False):
+    """The file's bytes (at most `limit`; tail: its last ones), or None if it cannot be read
+    (missing, a FIFO...)."""
     try:
         fd = open_file(path, os.O_RDONLY | flags)
         try:
+            if tail:
+                os.lseek(fd, max(0, os.fstat(fd).st_size - limit), os.SEEK_SET)
             return open(fd, "rb", closefd=False).read(limit)
         finally:
             os.close(fd)            # (also when it is a directory, which open() refuses)
@@ -162,7 +163,7 @@ def write_json(path, value):
 
 
 def write_file(path, data):
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "wb") as f:
+    with open(open_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW), "wb") as f:
         f.write(data)
 
 
@@ -179,7 +180,8 @@ def seconds(text, name, low, high):
     """The one parser of numbers from outside: plain decimal, from low to high, or a usage error."""
     if text.isascii() and text.replace(".", "", 1).isdigit() and low <= float(text) <= high:
         return float(text)
-    raise Fail(f"{name} must be seconds from {low:g} to {high:g}, not {printable(text)}", EXIT_USAGE)
+    problem = f"{name} must be seconds from {low:g} to {high:g}, not {printable(text)}"
+    raise Fail(problem, EXIT_USAGE)
 
 
 def daemon_settings(given_only=False):
@@ -189,35 +191,13 @@ def daemon_settings(given_only=False):
 
 
 def setting(name, text):
-    """A daemon setting's seconds, within its bounds (an idle timeout of 0: never); else a usage error."""
+    """A daemon setting's seconds, within its bounds (idle timeout 0: never), or a usage error."""
     if name == IDLE_TIMEOUT_ENV and seconds(text, name, 0, MAX_SECONDS) == 0:
         return 0.0
     return seconds(text, name, SETTINGS[name][2], MAX_SECONDS)
 
 
 # --- "There's a small set of commands/arguments that don't require the daemon (`buck help`, ...)"
-
-COMMANDS = {            # name: (usage, help); no help: hidden. workload_commands() adds its own.
-    "help": ("", "show this message"),
-    "version": ("", "print this client's version"),
-    "status": ("[--json] [--all]", f"report the running {DAEMON} (--all: every one of yours)"),
-    "server": ("[--json]", f"make sure the {DAEMON} of this version runs, then report it"),
-    "kill": ("", f"stop the running {DAEMON}"),
-    "killall": ("", f"stop every {DAEMON} of yours, in every repository"),
-    "daemon": ("", None),
-}
-USAGE_LINE = f"{TOOL} [--isolation-dir NAME] COMMAND ..."
-
-
-def commands():
-    return {**COMMANDS, **{name: entry[:2] for name, entry in workload_commands().items()}}
-
-
-def workload_commands():
-    """name -> (usage, help, handler): the team's commands, and upstream's `debug` hooks."""
-    import debug_commands
-    return {**workload.COMMANDS, **debug_commands.COMMANDS}
-
 
 def version():
     """A checksum of SOURCES, read once per process: every edit is a new buck build."""
@@ -232,87 +212,10 @@ def checksum():
     for name in SOURCES:
         data = read_file(os.path.join(HERE, name), limit=-1)
         if data is None:
-            raise Fail(f"cannot read {printable(os.path.join(HERE, name))}, one of SOURCES ({STUBS})")
+            path = printable(os.path.join(HERE, name))
+            raise Fail(f"cannot read {path}, one of SOURCES ({STUBS})")
         crc = zlib.crc32(data, crc)
     return f"{crc:08x}"
-
-
-def parse(argv):
-    """argv -> (isolation dir, command, operands, {option: value, "" for a flag})."""
-    isolation, argv = DEFAULT_ISOLATION, list(argv)
-    while argv and argv[0].split("=")[0] == "--isolation-dir":
-        word = argv.pop(0)
-        if "=" in word:
-            isolation = word.partition("=")[2]
-        else:
-            isolation = argv.pop(0) if argv else ""
-        if not isolation or "/" in isolation or isolation in (".", ".."):
-            raise Fail(f"bad --isolation-dir {printable(isolation)}: a name, not a path "
-                       f"(usage: {USAGE_LINE})", EXIT_USAGE)
-    known = [name for name in commands() if argv[:len(name.split())] == name.split()]
-    if not known:
-        what = f"unknown command {printable(argv[0])}" if argv else "no command"
-        raise Fail(f"{what} (usage: {USAGE_LINE}; see `{TOOL} help`)", EXIT_USAGE)
-    name = max(known, key=len)
-    try:
-        operands, options = parse_words(name, argv[len(name.split()):])
-        check_usage(name, operands, options)
-    except Fail as e:
-        raise Fail(usage_error(name, e), EXIT_USAGE) from None
-    return isolation, name, operands, options
-
-
-def parse_words(name, argv):
-    """Operands, and options as the usage writes them: a flag "--x", an option "--x=VALUE"."""
-    words, operands, options, takes = iter(argv), [], {}, options_of(name)
-    for word in words:
-        key, has_value, value = word.partition("=")
-        if word == "--":
-            operands += words
-        elif not word.startswith("--"):
-            operands.append(word)
-        elif key not in takes:
-            raise Fail(f"unknown option {printable(key)}", EXIT_USAGE)
-        elif key[2:] in options:
-            raise Fail(f"{key} given twice", EXIT_USAGE)
-        elif takes[key] and not has_value:
-            raise Fail(f"{key} needs a value, as {key}=VALUE", EXIT_USAGE)
-        elif has_value and not takes[key]:
-            raise Fail(f"{key} takes no value", EXIT_USAGE)
-        else:
-            options[key[2:]] = value
-    return operands, options
-
-
-def options_of(name):
-    spec = commands()[name][0].split()
-    return {w.strip("[]").split("=")[0]: "=" in w for w in spec if w.startswith("[--")}
-
-
-def check_usage(name, operands, options):
-    """Fail unless operands and options fit the usage: the client checks, and buckd again."""
-    unknown = sorted(set(options) - {key[2:] for key in options_of(name)})
-    if unknown:
-        raise Fail(f"unknown option --{printable(unknown[0])}", EXIT_USAGE)
-    slots = [w for w in commands()[name][0].split() if not w.startswith("[--")]
-    least = sum(not w.startswith("[") for w in slots)
-    most = float("inf") if any(w.rstrip("]").endswith("...") for w in slots) else len(slots)
-    if len(operands) < least:
-        raise Fail("missing operand(s)", EXIT_USAGE)
-    if len(operands) > most:
-        raise Fail("extra operand(s)", EXIT_USAGE)
-
-
-def usage_error(name, message):
-    return f"{name}: {message} (usage: {' '.join([TOOL, name, commands()[name][0]]).strip()})"
-
-
-def usage():
-    listed = [(f"{name} {args}".strip(), text) for name, (args, text) in commands().items() if text]
-    width = max(len(left) for left, _ in listed) + 2
-    lines = "".join(f"  {left:<{width}}{text}\n" for left, text in listed)
-    return (f"usage: {USAGE_LINE}\n\ncommands:\n{lines}\noptions:\n  --isolation-dir NAME  "
-            f"use a separate {DAEMON} (default {DEFAULT_ISOLATION}), with its own daemon dir\n")
 
 
 def main(argv):
@@ -320,12 +223,17 @@ def main(argv):
     standard_fds()
     os.umask(0o077)                 # what we create under $HOME, dirs too, is the user's alone
     try:
+        import buck_commands        # the command table and its parser (compiled once, cached)
         if not argv:
-            to_stderr(usage().encode())
+            to_stderr(buck_commands.usage().encode())
             return EXIT_USAGE
-        isolation, name, args, options = parse(["help"] if argv[0] in ("-h", "--help") else argv)
-        if name in ("help", "version"):
-            out(usage() if name == "help" else f"{TOOL} {version()} (release {RELEASE})\n")
+        words = ["help"] if argv[0] in ("-h", "--help") else argv
+        isolation, name, args, options = buck_commands.parse(words)
+        if name == "help":
+            out(buck_commands.usage())
+            return 0
+        if name == "version":
+            out(f"{TOOL} {version()} (release {RELEASE})\n")
             return 0
         version()                   # now: the files this client runs, to compare with later
         import buckd                # the lifecycle, both sides
@@ -361,8 +269,7 @@ def step(name, d, /, role="client", refuse=None, **fields):
         except OSError:
             pass
     if name == STOP_AT:
-        import signal
-        os.kill(os.getpid(), signal.SIGSTOP)
+        os.kill(os.getpid(), _signal.SIGSTOP)
 
 
 # --- "a directory in $HOME/.buck specific to that repository+output directory"
@@ -395,12 +302,11 @@ def owned(d):
     while True:
         for st in (os.lstat(path), os.stat(path)) if os.path.lexists(path) else ():
             if st.st_uid != os.geteuid():
-                raise Fail(f"{printable(path)} belongs to uid {st.st_uid}, not to you: refusing to use it")
+                whose = f"belongs to uid {st.st_uid}, not to you"
+                raise Fail(f"{printable(path)} {whose}: refusing to use it")
         if path == top or path == os.path.dirname(path):
             return d
         path = os.path.dirname(path)
-
-
 
 
 def entry():

@@ -1,19 +1,19 @@
 # SPDX-License-Identifier: MIT OR Apache-2.0. Upstream file of buckd: replace it on upgrade, never edit it.
 """buckd: the daemon lifecycle of buck2's daemon_lifecycle.md (link: buck.py), both sides, in
-the doc's order. First the daemon dir's files, as buckd writes them and clients read them; then
-"daemon process flow": `buck daemon` daemonizes (main); buckd locks buckd.pid, redirects its
-output, serves the DaemonApi, writes buckd.info (run), until a way to shut down (serve); then
-the client's side: "client connection and buckd startup" (connect, restart) and "buck kill"."""
-import fcntl, os, select, signal, stat, struct, sys, threading, time
+the doc's order: the daemon dir's files; "daemon process flow" (main, run, serve); the client's
+side, "client connection and buckd startup" (connect, restart); "buck kill"."""
+import errno, fcntl, json, os, select, signal, stat, struct, sys, threading, time
+from collections import namedtuple
 from contextlib import suppress
 
 import buck
+import buck_commands
 from buck import (ATTEMPTS, DAEMON, END_FILE, EXIT_ALREADY_RUNNING, EXIT_FAILED, EXIT_INTERRUPTED,
-                  EXIT_TIMEOUT, EXIT_USAGE, HERE, INFO_FILE, KILLALL_PATIENCE, KILL_TIMEOUT,
-                  LOCK_FILE, LOCK_PATIENCE, LOCK_TIMEOUT, PID_FILE, PREV_DIR, RECHECK_TIMEOUT,
-                  SETTINGS, STARTED_ENV, START_TIMEOUT, STATUS_TIMEOUT, STDERR_FILE, STDOUT_FILE,
-                  STUBS, TOKEN_KEY, TOOL, Fail, checksum, daemon_dir, daemon_settings, open_file,
-                  out, owned, poll, printable, read_file, say, step, to_stderr, version, write_json)
+                  EXIT_TIMEOUT, HERE, INFO_FILE, KILL_TIMEOUT, LOCK_FILE, LOCK_PATIENCE,
+                  LOCK_TIMEOUT, PID_FILE, PREV_DIR, RECHECK_TIMEOUT, SETTINGS, STARTED_ENV,
+                  START_TIMEOUT, STATUS_TIMEOUT, STDERR_FILE, STDOUT_FILE, STUBS, TOKEN_KEY, TOOL,
+                  Fail, checksum, daemon_dir, daemon_settings, open_file, out, owned, poll,
+                  printable, read_file, say, step, to_stderr, version, write_json)
 
 GRACE = 2.0             # seconds running commands get, at shutdown, to say why they end
 MAX_COMMANDS = 256      # commands running at once; one more is refused: buckd is busy
@@ -36,7 +36,9 @@ def holder(d):
             answer = struct.unpack(form, fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(form, *query)))
         finally:
             os.close(fd)
-    except OSError:                 # no file, a link, none one can lock (a FIFO): no buckd holds it
+    except OSError as e:            # no file, a link, none one can lock (a FIFO): no buckd holds it
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            raise                   # (out of fds: we cannot tell)
         return None
     kind, pid = (answer[0], answer[4]) if linux else (answer[3], answer[2])
     return None if kind == fcntl.F_UNLCK else pid
@@ -58,7 +60,6 @@ def read_info(d):
 
 def parse_info(raw):
     """buckd.info as a dict, or None if it is not a complete, valid one, whatever is wrong."""
-    import json
     fields = (("pid", int), ("port", int), ("version", str), ("auth_token", str))
     with suppress(ValueError, RecursionError, AttributeError):
         info = json.loads(raw or b"")
@@ -83,7 +84,6 @@ def runs_this_command(d):
 
 def end_record(where):
     """END_FILE in dir `where`: {"pid"} while that buckd runs, then with "how" and "why"; or {}."""
-    import json
     try:
         end = json.loads(read_file(os.path.join(where, END_FILE), NOFOLLOW) or b"")
     except (ValueError, RecursionError):
@@ -118,53 +118,26 @@ def crash_log(d, pid):
     paths = (os.path.join(d, STDERR_FILE), os.path.join(d, PREV_DIR, STDERR_FILE))
     mark = f" pid {pid} ".encode()
     path = next((p for p in paths if mark in (read_file(p, NOFOLLOW, 200) or b"")), paths[0])
-    tail = b""
-    with suppress(OSError):
-        fd = open_file(path, os.O_RDONLY | NOFOLLOW)
-        try:
-            tail = os.pread(fd, 8192, max(0, os.fstat(fd).st_size - 8192))    # never the whole log
-        finally:
-            os.close(fd)
+    tail = read_file(path, NOFOLLOW, 8192, tail=True) or b""        # never the whole log
     lines = tail.decode(errors="replace").splitlines()[-20:]
     return printable(path) + "".join(f"\n  | {line}" for line in lines)
 
 
 # "There are 3 ways that the buckd process will shutdown"; the records say which one it was.
 def record_end(api, how, why):
-    """Say in END_FILE how we end, while it names us without an end (no killer said why first)."""
+    """Log how we end; say it in END_FILE while that names us and no killer has said why."""
+    daemon_step(api, "daemon.shutdown", reason=why, path=how)
     ours = {"pid": os.getpid()}
     with suppress(OSError):
         if end_record(api.dir) == ours:
             write_json(os.path.join(api.dir, END_FILE), {**ours, "how": how, "why": why})
 
 
-def all_daemon_dirs():
-    """The user's daemon dirs (with a buckd.pid or buckd.info), and [(dir, why)] of those unread."""
-    found, unread, seen, todo = [], [], set(), [buck.daemons_home()]
-    while todo:
-        d = todo.pop()
-        try:
-            st = os.stat(d)
-            with os.scandir(d) as listing:
-                entries = list(listing)
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            unread.append((d, e.strerror))
-            continue
-        if (st.st_dev, st.st_ino) not in seen:      # a folder linked in twice: once
-            seen.add((st.st_dev, st.st_ino))
-            found += [d] if {PID_FILE, INFO_FILE} & {e.name for e in entries} else []
-            todo += [e.path for e in entries if e.is_dir()]
-    return sorted(found), unread
-
-
 # --- "daemon process flow": "started with the (hidden) `buck daemon` command".
 def main(d, root):
     """`buck daemon`: start buckd; 0 once it serves, 3 if one runs, 2 bad setting, else 1."""
     settings = daemon_settings()
-    by_hand = f"started by hand (`{TOOL} daemon`, by pid {os.getppid()})"
-    why = os.environ.pop(STARTED_ENV, by_hand)
+    why = os.environ.pop(STARTED_ENV, f"started by hand (`{TOOL} daemon`, by pid {os.getppid()})")
     for name in SETTINGS:      # what we run inherits none: a setting is live (Configure)
         os.environ.pop(name, None)
     os.makedirs(d, exist_ok=True)
@@ -217,7 +190,6 @@ def run(api, ready):
     report_ready(ready, 0, "")                  # "Once that is done, the server is ready"
     how, reason = serve(api)
     api.shutdown(reason)
-    daemon_step(api, "daemon.shutdown", reason=reason, path=how)
     log(f"shutting down ({how}): {reason}")
     record_end(api, how, reason)
     server.stop(GRACE).wait()                   # running commands get to say why they end
@@ -234,15 +206,14 @@ def startup_failed(api, ready, e):
     """Tell `buck daemon` why buckd cannot start (3: another holds buckd.pid: "only a single")."""
     problem = f"{printable(e.filename)}: {e.strerror}" if getattr(e, "filename", None) else str(e)
     if api.pid_stat is None and (pid := holder(api.dir)) is not None:
-        return report_ready(ready, EXIT_ALREADY_RUNNING,
-                            f"{DAEMON} is already running for {printable(api.dir)} (pid {pid})")
-    if api.pid_stat is not None:                # we hold buckd.pid: the records say we end
-        daemon_step(api, "daemon.shutdown", reason=problem, path="startup")
-        record_end(api, "startup failure", problem)
-        remove_info(api)
-        daemon_step(api, "daemon.exit")
-    verb = "lock" if api.pid_stat is None else "start"
-    return report_ready(ready, EXIT_FAILED, f"{DAEMON} cannot {verb}: {problem}")
+        running = f"{DAEMON} is already running for {printable(api.dir)} (pid {pid})"
+        return report_ready(ready, EXIT_ALREADY_RUNNING, running)
+    if api.pid_stat is None:
+        return report_ready(ready, EXIT_FAILED, f"{DAEMON} cannot lock: {problem}")
+    record_end(api, "startup failure", problem)     # we hold buckd.pid: the records say we end
+    remove_info(api)
+    daemon_step(api, "daemon.exit")
+    return report_ready(ready, EXIT_FAILED, f"{DAEMON} cannot start: {problem}")
 
 
 def report_ready(ready, code, message):
@@ -393,7 +364,6 @@ def panic(api, error):
     import traceback
     with suppress(OSError):         # (a full disk)
         traceback.print_exception(error)
-    daemon_step(api, "daemon.shutdown", reason=f"panic: {error!r}", path="panic")
     record_end(api, "panic", repr(error))
     daemon_step(api, "daemon.exit", code=buck.EXIT_PANIC)
     with suppress(OSError):
@@ -465,11 +435,9 @@ class DaemonApi:
         """Step 3's answer, and what runs. Not a use: idleness counts from the last command."""
         if self.reason:             # (a client must not use us: it restarts buckd, once we exit)
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{DAEMON} is shutting down: {self.reason}")
-        now, usage = time.monotonic(), resource_usage()
+        now = time.monotonic()
         with self.lock:
-            running = [pb.RunningCommand(argv=[word.decode(errors="backslashreplace")
-                                               for word in request.argv],
-                                         running_s=now - started, client_pid=request.client_pid)
+            running = [buck_commands.running(request, now - started)
                        for request, started in self.commands.values() if request]
             idle = 0 if self.commands else now - self.idle_since
         settings = pb.Settings(check_interval_s=self.check_interval,
@@ -479,7 +447,7 @@ class DaemonApi:
             start_time=self.start_time, uptime_s=time.time() - self.start_time,
             active_commands=len(self.commands), idle_s=idle, started_because=self.why,
             previous_end=self.previous, figures=buck.workload.status(), settings=settings,
-            commands=running, **usage)
+            commands=running, **buck_commands.resource_usage())
 
     @panics
     def Configure(self, request, context):
@@ -489,8 +457,9 @@ class DaemonApi:
                 buck.setting(name, str(getattr(request, field)))
         except Fail as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        with self.lock:             # (a new idle timeout counts from now: it never ends our client's buckd)
-            self.check_interval, self.idle_timeout = request.check_interval_s, request.idle_timeout_s
+        with self.lock:             # a new idle timeout counts from now: our client's buckd stays
+            self.check_interval = request.check_interval_s
+            self.idle_timeout = request.idle_timeout_s
             self.idle_since = max(self.idle_since, time.monotonic())
         self.wake.poke()
         return request
@@ -499,8 +468,8 @@ class DaemonApi:
         """If no command ran for idle_timeout, begin the exit, under the lock: a command that starts
         meanwhile is counted first, or refused before it is accepted (its client resends it)."""
         with self.lock:
-            since = time.monotonic() - self.idle_since
-            if self.idle_timeout and not self.commands and since >= self.idle_timeout and not self.reason:
+            idle = not self.commands and time.monotonic() - self.idle_since >= self.idle_timeout
+            if self.idle_timeout and idle and not self.reason:
                 self.reason = f"no command for {self.idle_timeout:g} s ({buck.IDLE_TIMEOUT_ENV})"
                 return self.reason
         return None
@@ -521,7 +490,8 @@ class DaemonApi:
         self.wake.poke()
 
     def Command(self, requests, context):
-        """One command, by daemon.proto's handshake; bad requests end their own call."""
+        """A command (buck_commands.serve_command), counted while it runs, unless buckd is ending
+        or busy."""
         stop, running = threading.Event(), [None, time.monotonic()]     # (request, started)
         with self.lock:             # counted from the start: a stream holds a thread
             if self.reason is not None:     # not accepted: the client may send it elsewhere
@@ -533,19 +503,7 @@ class DaemonApi:
         if not context.add_callback(stop.set):      # the call ends: the client went away
             stop.set()
         try:
-            request = running[0] = next(requests, None)
-            if problem := malformed(request):
-                context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-                context.set_details(problem)
-                return
-            yield pb.CommandEvent(accepted=True)
-            if next(requests, None) is None:        # no go-ahead: the client has gone
-                return
-            code = yield from run_workload(request, stop, self.pid_stat)
-            if code is not None:                    # it ran to its end
-                yield pb.CommandEvent(exit_code=code)
-            elif self.reason:                       # it was stopped by the shutdown
-                yield pb.CommandEvent(shutdown=self.reason)
+            yield from buck_commands.serve_command(requests, context, running, stop, self)
         except grpc.RpcError:
             return                  # the client went away during the handshake
         except Exception as e:
@@ -556,60 +514,14 @@ class DaemonApi:
                 self.idle_since = time.monotonic()
 
 
-def resource_usage():
-    """buckd's memory (RSS now and at peak) and CPU time, as buck2's `status --snapshot`."""
-    import resource
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)     # (bytes on macOS)
-    statm = (read_file("/proc/self/statm") or b"0 0").split()
-    rss = int(statm[1]) * os.sysconf("SC_PAGE_SIZE") or peak
-    cpu = usage.ru_utime + usage.ru_stime
-    return {"rss_bytes": rss, "peak_rss_bytes": max(peak, rss), "cpu_s": cpu}
-
-
-def malformed(request):
-    """What is wrong with a Command request that no handler should see, or None."""
-    if request is None:
-        return "no command was sent"
-    if request.name not in buck.workload_commands():
-        return f"no command {printable(request.name)}"
-    if not os.path.isabs(request.cwd):
-        return f"cwd must be an absolute path, not {printable(request.cwd)}"
-    if any(b"\0" in arg for arg in [request.cwd, *request.args]):
-        return "a path with a NUL byte"
-    return None
-
-
-def run_workload(request, stop, pid_stat):
-    """Run a workload command: its events as CommandEvents, then its exit code."""
-    from functools import partial
-    from types import SimpleNamespace
-    call = SimpleNamespace(args=list(request.args), options=dict(request.options), cwd=request.cwd,
-                           stop=stop, open=partial(open_file, refuse=pid_stat))
-    try:
-        buck.check_usage(request.name, call.args, call.options)
-        events = buck.workload_commands()[request.name][2](call)
-        while True:
-            try:
-                kind, data = next(events)
-            except StopIteration as end:
-                return end.value
-            yield pb.CommandEvent(**{kind: data})
-    except Fail as e:                      # said as the client says its own
-        message = buck.usage_error(request.name, e) if e.code == EXIT_USAGE else e
-        yield pb.CommandEvent(stderr=f"{TOOL}: {message}\n".encode(errors="backslashreplace"))
-        return e.code
-
-
-# --- The client's side: "client connection and buckd startup", then "buck kill" and the
-# commands that report buckds. Every command but help, version and daemon comes here.
+# --- The client's side: "client connection and buckd startup", then "buck kill"
 def client(isolation, name, args, options):
-    import json             # noqa: F401  (before our Ctrl-C handler, whose step() needs it whole)
+    """Every command but help, version and daemon: ours, or one that buckd runs."""
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `buck hash | head` ends quietly
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:   # (ignored: a background job)
         signal.signal(signal.SIGINT, interrupted)
-    if name in LOCAL_COMMANDS:
-        return LOCAL_COMMANDS[name](isolation, options)
+    if local := buck_commands.local_command(name):
+        return local(isolation, options)
     return run_command(owned(daemon_dir(isolation)), isolation, name, args, options)
 
 
@@ -637,7 +549,6 @@ def load_grpc():
         finally:
             if quiet:               # grpc has read it by now
                 del os.environ["GRPC_VERBOSITY"]
-    return grpc, pb, pb_grpc
 
 
 class Connection:
@@ -663,13 +574,8 @@ def rpc_error(e):
     return f"{e.code().name}: {e.details()}" if isinstance(e, grpc.Call) else str(e)
 
 
-class Why:
-    """Why a client (re)starts buckd: an outcome of steps 1-3 that is not a connection, named
-    (as buck2's connect.rs names them), and the words that say it."""
-
-    def __init__(self, outcome, text):
-        self.outcome, self.text = outcome, text
-
+# Why a client (re)starts buckd: an outcome of steps 1-3, named as buck2's connect.rs does.
+Why = namedtuple("Why", "outcome text")
 
 NO_DAEMON, CORRUPT, NOT_USABLE, MISMATCH, CRASHED = (
     "no daemon", "corrupt info", "not usable", "version mismatch", "crashed")
@@ -686,12 +592,12 @@ def connect(d, isolation):
     for _ in range(ATTEMPTS):
         raw = read_file(os.path.join(d, INFO_FILE), NOFOLLOW)          # 1. read buckd.info
         step("connect.1", d, found=raw is not None)
-        conn, reply, why = check_version(d, raw)                      # 2-3. connect, check
-        if conn:
-            apply_settings(d, conn, reply)
-            yield conn, reply
+        checked = check_version(d, raw)                               # 2-3. connect, check
+        if isinstance(checked, Why):
+            restart(d, isolation, raw, checked)
         else:
-            restart(d, isolation, raw, why)
+            apply_settings(d, *checked)
+            yield checked
     raise Fail(f"gave up after {ATTEMPTS} attempts to reach a {DAEMON} of this version that takes "
                "the command: it keeps being replaced (is a client of another version running?)")
 
@@ -699,24 +605,26 @@ def connect(d, isolation):
 # Correctness 3, "A client only uses a buckd connection after making sure it has a compatible
 # version": a Connection is only ever returned here, after a Status naming our version.
 def check_version(d, raw, timeout=STATUS_TIMEOUT):
-    """Steps 2-3: (Connection, Status reply, None), or (None, None, Why)."""
+    """Steps 2-3: (Connection, Status reply), or Why not."""
     info = parse_info(raw)
     pid = holder(d) if info is None else None       # (the usual path asks no lock)
     if info is None and (raw or pid):
-        what = "corrupt" if raw else f"missing, while pid {pid} holds {PID_FILE} (starting, or exiting)"
-        return None, None, Why(CORRUPT, f"{INFO_FILE} is {what}")
+        held = f"missing, while pid {pid} holds {PID_FILE}"
+        what = "corrupt" if raw else f"{held} (starting, or exiting)"
+        return Why(CORRUPT, f"{INFO_FILE} is {what}")
     if info is None:
-        return None, None, Why(NO_DAEMON, f"no {DAEMON} was running")
+        return Why(NO_DAEMON, f"no {DAEMON} was running")
     conn = Connection(info)
     try:
         reply = conn.status(timeout).result()
     except grpc.RpcError as e:
-        return None, None, Why(NOT_USABLE, f"{DAEMON} (pid {info['pid']}) is not usable ({rpc_error(e)})")
+        return Why(NOT_USABLE, f"{DAEMON} (pid {info['pid']}) is not usable ({rpc_error(e)})")
     ok = reply.version == version()
     step("connect.3", d, daemon_pid=reply.pid, daemon_version=reply.version, ok=ok)
     if not ok:
-        return None, None, Why(MISMATCH, f"{DAEMON} version mismatch (daemon {reply.version}, client {version()})")
-    return conn, reply, None
+        versions = f"(daemon {reply.version}, client {version()})"
+        return Why(MISMATCH, f"{DAEMON} version mismatch {versions}")
+    return conn, reply
 
 
 def apply_settings(d, conn, reply):
@@ -737,31 +645,33 @@ def apply_settings(d, conn, reply):
     try:
         conn.stub.Configure(wanted, timeout=STATUS_TIMEOUT, metadata=conn.metadata)
     except grpc.RpcError as e:
-        raise Fail(f"{DAEMON} (pid {reply.pid}): could not apply {changed} ({rpc_error(e)})") from None
+        problem = f"could not apply {changed} ({rpc_error(e)})"
+        raise Fail(f"{DAEMON} (pid {reply.pid}): {problem}") from None
     reply.settings.CopyFrom(wanted)
     say(f"{DAEMON} (pid {reply.pid}): {changed}, applied")
 
 
 # "To start/restart the buckd process, the client does:"
-def restart(d, isolation, seen, why):
-    """Steps 1-6, unless once we hold the lock buckd no longer needs them. `seen`: the bytes of
+def restart(d, isolation, raw, why):
+    """Steps 1-6, unless once we hold the lock buckd no longer needs them. `raw`: the bytes of
     buckd.info that steps 1-3 failed on."""
     with LifecycleLock(d):                  # 1. lock "lifecycle.lock"; 6. release it on leaving
         refuse_to_restart_here(d, why)
         wait_while_a_buckd_starts(d)
-        if read_file(os.path.join(d, INFO_FILE), NOFOLLOW) != seen:
+        if read_file(os.path.join(d, INFO_FILE), NOFOLLOW) != raw:
             return                          # another client restarted it meanwhile
-        if answers_when_asked_again(d, seen, why):
+        if answers_when_asked_again(d, raw, why):
             return                          # it was only us that were paused
-        why = report_crash(d, seen, why)    # said, and its logs kept in prev/
-        say(f"{'starting' if why.outcome in (NO_DAEMON, CRASHED) else 'restarting'} {DAEMON}: {why.text}")
+        why = report_crash(d, raw, why)     # said, and its logs kept in prev/
+        verb = "starting" if why.outcome in (NO_DAEMON, CRASHED) else "restarting"
+        say(f"{verb} {DAEMON}: {why.text}")
         kill_daemon(d, f"{DAEMON} was restarted by pid {os.getpid()}: {why.text}")   # 2-3. kill it
         start_daemon(d, isolation, why)     # 4-5. run `buck daemon`, wait until it serves
 
 
 def wait_while_a_buckd_starts(d):
-    """Wait (START_TIMEOUT at most from its start) for a buckd that holds buckd.pid but is not
-    named in buckd.info yet: it is starting."""
+    """Wait, START_TIMEOUT at most from its start, for a buckd holding buckd.pid but not yet named
+    in buckd.info: it is starting."""
     pid = holder(d)
     named = lambda: (read_info(d) or {}).get("pid") == pid
     try:
@@ -772,9 +682,9 @@ def wait_while_a_buckd_starts(d):
         poll(lambda: holder(d) != pid or named(), START_TIMEOUT - age)
 
 
-def answers_when_asked_again(d, seen, why):
+def answers_when_asked_again(d, raw, why):
     """Ask a buckd that did not answer once more: maybe *we* were paused (Ctrl-Z, sleep)."""
-    return why.outcome == NOT_USABLE and check_version(d, seen, RECHECK_TIMEOUT)[0] is not None
+    return why.outcome == NOT_USABLE and not isinstance(check_version(d, raw, RECHECK_TIMEOUT), Why)
 
 
 def refuse_to_restart_here(d, why):
@@ -787,10 +697,10 @@ def refuse_to_restart_here(d, why):
                    f"to restart ({why.text}): refusing to kill the {DAEMON} that runs it")
 
 
-def report_crash(d, seen, why):
+def report_crash(d, raw, why):
     """Why we start buckd, in full. If the buckd that buckd.info names is gone without a clean
     recorded end, it crashed: say so with its log, keep its logs in prev/, drop its buckd.info."""
-    info = parse_info(seen)
+    info = parse_info(raw)
     if info and holder(d) is None:
         end = end_record(d)
         if end.get("pid") != info["pid"] or end.get("how") in (None, "panic"):
@@ -809,10 +719,11 @@ def report_crash(d, seen, why):
 # is killing or starting the buckd process, it will grab an exclusive lock on the
 # "lifecycle.lock" file". A flock: the kernel releases it when its holder dies, however.
 class LifecycleLock:
-    """lifecycle.lock, open; `with` it: held (restart's steps 1 and 6). Its holder's words are in it."""
+    """lifecycle.lock, held within `with` (restart's steps 1 and 6), its holder's words in it.
+    until: a time.monotonic() at which to give up, naming the holder (killall); else we wait."""
 
-    def __init__(self, d):
-        self.d, self.path = owned(d), os.path.join(d, LOCK_FILE)
+    def __init__(self, d, until=None):
+        self.d, self.path, self.until = owned(d), os.path.join(d, LOCK_FILE), until
         os.makedirs(d, exist_ok=True)
         self.fd = open_file(self.path, os.O_RDWR | os.O_CREAT | NOFOLLOW)
         if not stat.S_ISREG(os.fstat(self.fd).st_mode):     # (a FIFO, a device: no lock to take)
@@ -821,31 +732,38 @@ class LifecycleLock:
 
     def take(self):
         """Take the lock if it is free; never wait."""
-        try:
+        with suppress(BlockingIOError):
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
-        except BlockingIOError:
-            return False
+        return False
 
     def holder_words(self):
         return printable(os.pread(self.fd, 200, 0).decode(errors="replace").strip())
 
     def __enter__(self):
-        if not poll(self.take, LOCK_PATIENCE):
-            say(f"waiting for another {TOOL} client to finish starting or killing {DAEMON}: {self.holder_words()}")
-            if not poll(self.take, LOCK_TIMEOUT):
-                whom = self.holder_words()
-                os.close(self.fd)
-                raise Fail(f"timed out after {LOCK_TIMEOUT:.0f} s waiting for {LOCK_FILE} (held by: {whom})")
-        self.taken()
+        try:
+            self.wait()
+            os.ftruncate(self.fd, 0)    # held: say who holds it, for those who wait
+            os.pwrite(self.fd, f"pid {os.getpid()}: {command_line()}\n".encode(), 0)
+        except BaseException:
+            os.close(self.fd)           # our only fd of it: a lock taken is released too
+            raise
+        held_locks.add(self.d)          # first: a Ctrl-C from here on still logs restart.6
+        step("restart.1", self.d)
         return self
 
-    def taken(self):
-        """Write who holds it, for those who wait; log restart.1."""
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()}: {command_line()}\n".encode(), 0)
-        held_locks.add(self.d)      # first: a Ctrl-C from here on still logs restart.6
-        step("restart.1", self.d)
+    def wait(self):
+        """Take the lock: wait, saying for whom, up to LOCK_TIMEOUT; or fail at `until`."""
+        waits = self.until is None
+        if poll(self.take, LOCK_PATIENCE if waits else self.until - time.monotonic()):
+            return
+        if not waits:
+            raise Fail(f"another {TOOL} client holds its {LOCK_FILE}: {self.holder_words()}")
+        say(f"waiting for another {TOOL} client to finish starting or killing {DAEMON}: "
+            f"{self.holder_words()}")
+        if not poll(self.take, LOCK_TIMEOUT):
+            waited = f"timed out after {LOCK_TIMEOUT:.0f} s waiting for {LOCK_FILE}"
+            raise Fail(f"{waited} (held by: {self.holder_words()})")
 
     def __exit__(self, *exception):
         step("restart.6", self.d)
@@ -937,7 +855,7 @@ def start_daemon(d, isolation, why):
         raise Fail(f"{DAEMON} failed to start: {said.removeprefix(f'{TOOL}: ')}")
 
 
-# --- "buck kill and other daemon restarts", and the commands that report daemons
+# --- "buck kill and other daemon restarts"; then a command that buckd runs
 
 def cmd_kill(isolation, options):
     """`buck kill`: steps 1-3 and 6 of "start/restart"; the user's word, even from inside buckd."""
@@ -948,204 +866,16 @@ def cmd_kill(isolation, options):
     return 0
 
 
-def cmd_killall(isolation, options):
-    """`buck killall`: every buckd of yours, all at once, in about KILLALL_PATIENCE + KILL_TIMEOUT
-    + 2 EXIT_TIMEOUT; never the buckd running us, nor one whose lifecycle.lock another client
-    holds (it may be starting it). What it leaves, it names, and exits 1."""
-    dirs, unread = all_daemon_dirs()
-    left, locks = [(d, f"cannot read it: {why}") for d, why in unread], {}
-    for d in dirs:
-        try:
-            if holder(d) is not None and not runs_this_command(d):
-                locks[d] = LifecycleLock(d)
-        except (Fail, OSError) as e:
-            left.append((d, str(e)))
-    poll(lambda: all([lock.take() for lock in locks.values()]), KILLALL_PATIENCE)
-    for d, lock in list(locks.items()):
-        if lock.take():
-            lock.taken()
-        else:
-            left.append((d, f"another {TOOL} client holds its {LOCK_FILE}: {lock.holder_words()}"))
-            os.close(locks.pop(d).fd)
-    try:
-        killed, failed = kill_daemons(list(locks), f"`{TOOL} killall` was invoked by pid {os.getpid()}")
-    finally:
-        for lock in locks.values():
-            lock.__exit__()
-    for d, pid in killed.items():
-        if pid is not None:
-            out(f"{DAEMON} killed (pid {pid}) in {printable(d)}\n")
-    for d, why in left + list(failed.items()):
-        say(f"{printable(d)}: {why}, left as it is")
-    return EXIT_FAILED if left or failed else 0
-
-
-def cmd_server(isolation, options):
-    conn, reply = next(connect(owned(daemon_dir(isolation)), isolation))
-    return print_status([status_fields(reply)], options)
-
-
-def cmd_status(isolation, options):
-    """Report buckd (--all: every one, asked at once), whatever its version; start none."""
-    every = "all" in options
-    dirs, unread = all_daemon_dirs() if every else ([daemon_dir(isolation)], [])
-    asked = [(d, *ask_status(d)) for d in dirs]
-    rows = [status_row(*row, patience=0 if every else EXIT_TIMEOUT) for row in asked]
-    if not every and rows[0]["state"] not in ("running", "dead", "none"):
-        raise Fail(f"{DAEMON} (pid {rows[0]['pid']}) is {rows[0]['state']}")
-    print_status([row for row in rows if row["state"] != "none" or not every], options, every)
-    for d, why in unread:
-        say(f"{printable(d)}: cannot read it: {why}")
-    return EXIT_FAILED if unread else 0
-
-
-def ask_status(d):
-    pid, info = holder(d), read_info(d)
-    return pid, info, Connection(info).status() if info and info["pid"] == pid else None
-
-
-def status_row(d, pid, info, call, patience):
-    """d as `status` shows it: running, not responding, shutting down, starting, dead or none."""
-    if call:
-        try:
-            return status_fields(call.result())
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.UNAVAILABLE:     # (a wedged buckd still accepts)
-                return {"daemon_dir": d, "pid": pid, "state": f"not responding: {rpc_error(e)}"}
-            if not poll(lambda: holder(d) != pid, patience):
-                return {"daemon_dir": d, "pid": pid, "state": f"shutting down ({rpc_error(e)})"}
-            pid, info = None, read_info(d)      # it was shutting down, and now it is gone
-    if pid is not None:
-        return {"daemon_dir": d, "pid": pid, "state": f"starting, not named in {INFO_FILE} yet"}
-    last = last_pid(d)
-    return {"daemon_dir": d, "pid": info["pid"] if info else last, "state": "dead" if info else "none",
-            "previous_end": how_it_ended(d, last) or ""}
-
-
-def status_fields(reply):
-    """A Status reply as `status --json` shows it: numbers stay numbers."""
-    fields = {n: getattr(reply, n) for n in reply.DESCRIPTOR.fields_by_name
-              if n not in ("figures", "settings", "commands")}
-    fields["check_interval_s"] = reply.settings.check_interval_s
-    fields["idle_timeout_s"] = reply.settings.idle_timeout_s
-    fields["commands"] = [{"args": list(c.argv), "client_pid": c.client_pid, "running_s": c.running_s}
-                          for c in reply.commands]
-    return {"state": "running", **fields, **dict(reply.figures)}
-
-
-def print_status(rows, options, every=False):
-    import json
-    if "json" in options:
-        out(json.dumps(rows if every else rows[0]) + "\n")
-    elif every:
-        out("".join(status_line(row) + "\n" for row in rows) or f"no {DAEMON} running\n")
-    elif rows[0]["state"] == "running":
-        row = rows[0]
-        shown = [f"\n  {key.removesuffix('_s').removesuffix('_bytes')}: {for_people(key, value)}"
-                 for key, value in row.items() if key not in ("state", "uptime_s", "idle_s")]
-        header = f"{DAEMON} is running, up {duration(row['uptime_s'])}, idle {duration(row['idle_s'])}"
-        out(header + "".join(shown) + "\n")
-    else:
-        end = rows[0]["previous_end"]
-        out(f"no {DAEMON} running\n" + (f"the last one, {end}\n" if end else ""))
-    return 0
-
-
-def for_people(key, value):
-    """A status field as a person reads it: "3 min", local times, MiB, commands a line each."""
-    if key == "start_time":
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
-    if key == "idle_timeout_s" and not value:
-        return "never"
-    if key == "cpu_s":
-        return f"{value:.2f} s"
-    if key.endswith("_s"):
-        return duration(value)
-    if key.endswith("_bytes"):
-        return f"{value / 2**20:.1f} MiB"
-    if key == "commands":
-        return f"{len(value)}" + "".join(f"\n    pid {c['client_pid']}, for {duration(c['running_s'])}: "
-                                         f"{TOOL} {printable(' '.join(c['args']))}" for c in value)
-    return value
-
-
-def duration(seconds):
-    """Seconds as people say them: 0.2 s, 9 s, 3 min, 5 h, 2 days."""
-    for unit, size in (("days", 86400), ("h", 3600), ("min", 60), ("s", 1)):
-        if seconds >= 2 * size:
-            return f"{seconds / size:.0f} {unit}"
-    return f"{seconds:.2g} s"
-
-
-def status_line(row):
-    """A line of `status --all`."""
-    if row["state"] != "running":
-        return f"{printable(row['daemon_dir'])}: {row['state']} (pid {row['pid']})"
-    running = "".join(f"; pid {c['client_pid']} runs {TOOL} {printable(' '.join(c['args']))}" for c in row["commands"])
-    return (f"{printable(row['daemon_dir'])}: pid {row['pid']}, version {row['version']}, "
-            f"up {duration(row['uptime_s'])}, {row['active_commands']} running, idle {duration(row['idle_s'])}, "
-            f"started because: {row['started_because']}{running}")
-
-
 def run_command(d, isolation, name, operands, options):
     """Send a command to a buckd whose version we checked; resend only until one accepts it."""
-    import queue
     load_grpc()
-    refusals = {grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE, grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_FAILED}
     request = pb.CommandRequest(name=name, args=[os.fsencode(a) for a in operands], options=options,
                                 cwd=os.fsencode(os.getcwd()), client_pid=os.getpid(),
                                 argv=[os.fsencode(word) for word in sys.argv[1:]])
     for conn, reply in connect(d, isolation):       # (each a new connection: see ATTEMPTS)
-        accepted, events = threading.Event(), queue.Queue()
-        stream = conn.stub.Command(handshake(request, accepted), metadata=conn.metadata)
-        threading.Thread(target=read_stream, args=(stream, events), daemon=True).start()
-        try:
-            event = events.get(timeout=STATUS_TIMEOUT)  # as for Status: else buckd is not usable
-        except queue.Empty:
-            event = None
-        if isinstance(event, pb.CommandEvent) and event.HasField("accepted"):
-            accepted.set()          # the go-ahead: from here on, never resend
+        events = buck_commands.send(conn, request)
+        if events is not None:      # accepted: from here on, never resend
             break
-        stream.cancel()             # buckd went away before it accepted: it ran nothing
-        if isinstance(event, grpc.Call) and event.code() in refusals:
-            raise Fail(f"{DAEMON} refused the command: {event.details()}", refusals[event.code()])
     step("command", d, daemon_pid=reply.pid, name=name)
-    return show_events(d, reply.pid, events)
+    return buck_commands.show_events(d, reply.pid, events)
 
-
-def show_events(d, pid, events):
-    """Write a running command's output as it comes; its exit code, or fail saying why it ended."""
-    while isinstance(event := events.get(), pb.CommandEvent):
-        kind = event.WhichOneof("event")
-        if kind == "stdout":
-            out(event.stdout)
-        elif kind == "stderr":
-            to_stderr(event.stderr)
-        elif kind == "exit_code":
-            return event.exit_code
-        elif kind == "shutdown":
-            raise Fail(f"{DAEMON} shut down during the command: {event.shutdown}")
-    if event is None:
-        raise Fail(f"{DAEMON} ended the command without an exit code")
-    raise Fail(f"lost {DAEMON} (pid {pid}) during the command ({rpc_error(event)}); "
-               f"it crashed or was killed, see {crash_log(d, pid)}")
-
-
-def read_stream(stream, events):
-    """Queue a stream's events, then None or its error (the reader waits with a timeout)."""
-    try:
-        for event in stream:
-            events.put(event)
-        events.put(None)
-    except grpc.RpcError as e:
-        events.put(e)
-
-
-def handshake(request, accepted):
-    """Our side of a Command stream: the command, then the go-ahead once it is accepted."""
-    yield request
-    accepted.wait()
-    yield pb.CommandRequest()
-
-
-LOCAL_COMMANDS = {"status": cmd_status, "server": cmd_server, "kill": cmd_kill, "killall": cmd_killall}

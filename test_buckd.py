@@ -341,7 +341,7 @@ def test_missing_stubs_say_how_to_fix(sb, tmp_path):
     client says how to build them.'''
     bare = tmp_path / "bare"
     bare.mkdir()
-    for name in ("buck.py", "buckd.py", "workload.py", "debug_commands.py", "daemon.proto"):  # no stubs
+    for name in ("buck.py", "buckd.py", "buck_commands.py", "workload.py", "daemon.proto"):  # no stubs
         shutil.copy(HERE / name, bare / name)
     r = sb.buck("server", script=bare / "buck.py")
     assert r.code == 1 and "generated from daemon.proto" in r.err and one_line_error(r)
@@ -2534,6 +2534,21 @@ def test_killall_is_bounded_kills_the_wedged_and_spares_a_locked_dir(sb, repos):
         assert named and f"pid {holder.pid}" in named[0], r.err
     finally:
         finish(sb, holder)
+
+
+def test_out_of_file_descriptors_is_never_no_buckd(sb):
+    """Out of file descriptors, a client cannot ask the kernel who holds buckd.pid: `holder`
+    says so (EMFILE), never "no buckd", on which killall reported success having killed nothing
+    (a review of 1.1.0, with `ulimit -n 60` and 100 buckds)."""
+    assert sb.buck("server").code == 0
+    probe = ("import errno, os, sys\nsys.path.insert(0, sys.argv[2])\nimport buckd\nfds = []\n"
+             "try:\n    while True:\n        fds.append(os.open(os.devnull, os.O_RDONLY))\n"
+             "except OSError:\n    pass\ntry:\n    print(buckd.holder(sys.argv[1]))\n"
+             "except OSError as e:\n    print(errno.errorcode[e.errno])")
+    r = subprocess.run([PY, "-c", probe, str(sb.dir()), str(HERE)], capture_output=True,
+                       text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "EMFILE\n", ""), r
+    assert buckd.holder(sb.dir()) == sb.info()["pid"]
 
 
 def test_killall_through_many_stale_dirs_is_bounded(sb, helpers):

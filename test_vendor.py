@@ -278,7 +278,7 @@ def test_vendoring_writes_a_copy_that_is_the_teams(mono):
         assert (t / name).read_bytes() == (HERE / name).read_bytes(), name
     assert re.search(r'^TOOL, DAEMON = "acme", "acmed"$', (t / "workload.py").read_text(), re.M)
     tag = sys.implementation.cache_tag
-    for module in ("buck", "buckd", "debug_commands", "workload", "daemon_pb2", "daemon_pb2_grpc"):
+    for module in ("buck", "buckd", "buck_commands", "workload", "daemon_pb2", "daemon_pb2_grpc"):
         assert (t / "__pycache__" / f"{module}.{tag}.pyc").is_file(), module
     assert os.access(t / "acme", os.X_OK) and (t / "acme").read_text().startswith("#!/usr/bin/env python3\n")
     ignored = (t / ".gitignore").read_text().splitlines()
@@ -374,7 +374,7 @@ def test_vendored_tool_works_under_its_own_names(mono):
         "acme: count: --min needs a value, as --min=VALUE (usage: acme count [--min=N] PATH...)\n"
     r = mono("count", "nowhere.txt")
     assert (r.code, r.out, r.err) == (1, "", "acme count: nowhere.txt: No such file or directory\n")
-    r = mono("debug", "sleep", "0")                 # upstream's debug_commands.py
+    r = mono("debug", "sleep", "0")                 # upstream's buck_commands.py
     assert (r.code, r.out, r.err) == (0, "sleeping for 0 s\n", "")
 
     edit(mono.tool / "checks.py", 'data.count(b"\\n")', "len(data.splitlines())")
@@ -571,18 +571,23 @@ def test_the_lifecycle_tests_pass_in_an_upgraded_copy():
 
 def test_the_readmes_table_names_real_code_and_real_tests():
     """A reader holding the doc finds each paragraph in the code through the README's table:
-    every function it names exists in buck.py, buckd.py or workload.py, and every test it
-    names is in this file or test_workload.py (a rename that forgets the README fails here)."""
+    every function it names exists in buck.py, buckd.py, buck_commands.py or workload.py, and
+    every test it names is in test_buckd.py or test_workload.py (a rename that forgets the README
+    fails here)."""
     import re
+    import buck_commands
     import buckd
     import workload
     readme = (HERE / "README.md").read_text()
     table = readme[readme.index("| doc section |"):readme.index("## Adding a command")]
-    modules = {"buck": buck, "buckd": buckd, "workload": workload, "DaemonApi": buckd.DaemonApi}
-    names = re.findall(r"`(buck|buckd|workload|DaemonApi)\.(\w+)`", table)
+    modules = {"buck": buck, "buckd": buckd, "buck_commands": buck_commands, "workload": workload,
+               "DaemonApi": buckd.DaemonApi}
+    names = re.findall(r"`(\w+)\.(\w+)`", table)                   # any module, or a file
     assert len(names) > 30, names
-    files = {"pid", "info", "stdout", "stderr", "end", "py", "proto"}     # buckd.info is a file
-    missing = [f"{m}.{n}" for m, n in names if n not in files and not hasattr(modules[m], n)]
+    files = {buck.PID_FILE, buck.INFO_FILE, buck.STDOUT_FILE, buck.STDERR_FILE, buck.END_FILE,
+             buck.LOCK_FILE, *os.listdir(HERE)}                    # a daemon dir's, or ours
+    missing = [f"{m}.{n}" for m, n in names
+               if f"{m}.{n}" not in files and not (m in modules and hasattr(modules[m], n))]
     tests = {name for file in ("test_buckd.py", "test_workload.py")        # (hash's: the latter)
              for name in re.findall(r"^def (test_\w+)", (HERE / file).read_text(), re.M)}
     named = re.findall(r"`(test_\w+)(\*?)`", table)

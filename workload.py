@@ -4,7 +4,7 @@
 
 buckd loads this module through one seam, COMMANDS: name -> (usage, help, handler). A vendoring
 team replaces `hash` with its own commands (upstream's `debug` ones, which the lifecycle tests
-use, live in debug_commands.py). The client makes its usage and its parser from the same table.
+use, live in buck_commands.py). The client makes its usage and its parser from the same table.
 
 - usage: "[--x]" a flag, "[--x=V]" an option with a value, "P" an operand, "P..." one or more,
   "[P...]" any number. help: one line for `buck help`, or None for a hidden command.

@@ -153,7 +153,7 @@ def unchecked(lines):
 ABBREVIATIONS = {"restart.1": "r1 LOCK", "restart.5": "r5 up", "restart.6": "r6 FREE",
                  "daemon.locked": "LOCKED", "daemon.exit": "EXIT"}
 HOW = {"rpc": "rpc", "sigterm": "TERM", "sigkill": "KILL"}
-SHUTDOWN = {"self-check": "check", "startup": "start"}
+SHUTDOWN = {"self-check": "check", "startup failure": "start"}
 LEGEND = """\
 legend: a row per log line (# its number), a column per process: C client,
   D buckd, v its version. others: clients without a column, as PID STEP;
@@ -476,12 +476,12 @@ def finish(proc, timeout=120):
 def leftovers(buck, home):
     """The buckds still running under home, each SIGKILLed. Only the process the kernel
     says holds a buckd.pid lock is signalled (buckd.holder): a pid from the log may have
-    been reused. The daemon dirs are buckd.all_daemon_dirs()'s, with HOME=home."""
+    been reused. The daemon dirs are buck_commands.all_daemon_dirs()'s, with HOME=home."""
     load_buck()                         # ROOT on sys.path, `import buck`: then buckd imports
-    import buckd
+    import buckd, buck_commands
     saved, os.environ["HOME"] = os.environ.get("HOME"), home
     try:
-        dirs, _ = buckd.all_daemon_dirs()
+        dirs, _ = buck_commands.all_daemon_dirs()
     finally:
         if saved is None:
             del os.environ["HOME"]

@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))    # upstrea
 # The one list of what a vendored copy needs from upstream, besides the team's workload.py:
 # the code, the lifecycle tests and what they import (tools/lifecycle.py, where test_buckd.py
 # looks for it), the license and the changelog. Each is overwritten at every upgrade.
-UPSTREAM = ("buck.py", "buckd.py", "debug_commands.py", "daemon.proto", "test_buckd.py",
+UPSTREAM = ("buck.py", "buckd.py", "buck_commands.py", "daemon.proto", "test_buckd.py",
             "tools/lifecycle.py", "LICENSE-MIT", "LICENSE-APACHE", "CHANGELOG.md")
 TEAM_FILE = "workload.py"           # the team's: written once from upstream's sample, then theirs
 STUBS = ("daemon_pb2.py", "daemon_pb2_grpc.py")     # generated from daemon.proto, here
