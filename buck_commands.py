@@ -405,14 +405,14 @@ def cmd_killall(isolation, options):
     from buckd import LifecycleLock, holder, kill_daemons, runs_this_command
     dirs, unread = all_daemon_dirs()
     left, locks, locked = [(d, f"cannot read it: {why}") for d, why in unread], {}, []
-    until = time.monotonic() + KILLALL_PATIENCE
+    until = time.monotonic() + KILLALL_PATIENCE     # every lock, tried together until then
     for d in dirs:
         try:
             if holder(d) is not None and not runs_this_command(d):
                 locks[d] = LifecycleLock(d, until)
         except (Fail, OSError) as e:
             left.append((d, getattr(e, "strerror", None) or str(e)))
-    poll(lambda: all([lock.take() for lock in locks.values()]), KILLALL_PATIENCE)  # together
+    poll(lambda: all([lock.take() for lock in locks.values()]), until - time.monotonic())
     with ExitStack() as held:
         for d, lock in locks.items():
             try:

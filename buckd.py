@@ -25,13 +25,13 @@ grpc = pb = pb_grpc = None  # imported by load_grpc: in buckd after daemonizing 
 
 # --- The daemon dir's files: buckd.pid, buckd.info, buckd.end, the logs and prev/
 
-def holder(d):
-    """The running buckd's pid: who holds buckd.pid's lock, as the kernel says; or None."""
+def holder(d, pid_file=PID_FILE):
+    """The running buckd: who holds d's buckd.pid (or pid_file) lock, says the kernel; or None."""
     linux = sys.platform.startswith("linux")    # struct flock's form differs on macOS, BSD
     form = "hhqqi" if linux else "qqihh"
     query = (fcntl.F_WRLCK, 0, 0, 0, 0) if linux else (0, 0, 0, fcntl.F_WRLCK, 0)
     try:
-        fd = open_file(os.path.join(d, PID_FILE), os.O_RDONLY | NOFOLLOW)
+        fd = open_file(os.path.join(d, pid_file), os.O_RDONLY | NOFOLLOW)
         try:
             answer = struct.unpack(form, fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(form, *query)))
         finally:

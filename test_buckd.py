@@ -68,12 +68,17 @@ def stopped(pid):
     return state(pid) in ("T", "t")
 
 
-def cmdline(pid):
+def proc_file(pid, name):
+    """/proc/PID/NAME (cmdline, environ) split at its NULs; [] once the process is gone."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
             return f.read().split(b"\0")
     except OSError:
         return []
+
+
+def cmdline(pid):
+    return proc_file(pid, "cmdline")
 
 
 def lock_holder(pid_file):

@@ -29,7 +29,7 @@ PY = sys.executable
 sys.path.insert(0, str(HERE / "tools"))
 import lifecycle                    # noqa: E402  (the checker of the doc's three guarantees)
 import vendor                       # noqa: E402  (its UPSTREAM list: what a changed upstream copies)
-from test_buckd import alive, buck, wait_for      # noqa: E402  (the harness's /proc helpers)
+from test_buckd import alive, buck, buckd, proc_file, wait_for    # noqa: E402  (its harness)
 
 # The lifecycle tests run inside the vendored copy: one for each claim of the doc a team must see
 # hold for its own names (the whole suite takes minutes; these under half a minute): `status`
@@ -91,26 +91,6 @@ def cmd_count(call):
 
 
 # --- Processes, seen through /proc
-
-def proc_file(pid, name):
-    try:
-        with open(f"/proc/{pid}/{name}", "rb") as f:
-            return f.read().split(b"\0")
-    except OSError:
-        return []
-
-
-def lock_holder(path):
-    """Who holds the POSIX lock on a pid file: the daemon (`status --json` would ask it)."""
-    import fcntl, struct
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        kind, _, _, _, pid = struct.unpack("hhqqi", fcntl.fcntl(
-            fd, fcntl.F_GETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0)))
-        return None if kind == fcntl.F_UNLCK else pid
-    finally:
-        os.close(fd)
-
 
 def no_traceback(text):
     return "Traceback" not in text
@@ -210,8 +190,8 @@ class Monorepo:
         return self.home / f".{tool}" / daemon / str(self.repo).lstrip("/") / "v2"
 
     def pid(self, tool="acme", daemon="acmed"):
-        pid_file = self.dir(tool, daemon) / f"{daemon}.pid"
-        return lock_holder(pid_file) if pid_file.exists() else None
+        """Who holds the copy's pid file's lock, as the kernel says (the product's own query)."""
+        return buckd.holder(self.dir(tool, daemon), f"{daemon}.pid")
 
     def never_says_buck(self):
         """No output of acme, no file acmed or its clients wrote, no line of acme's lifecycle
